@@ -1,0 +1,580 @@
+"""
+Race-DiT: a Diffusion Transformer whose MLPs are Mixture-of-Experts layers routed by Expert Race.
+
+Paper: Yuan et al., "Expert Race: A Flexible Routing Strategy for Scaling Diffusion Transformer with
+Mixture of Experts", arXiv 2503.16057 (ICML 2025). Backbone: Peebles & Xie, "Scalable Diffusion Models
+with Transformers" (DiT), arXiv 2212.09748. Section numbers below (S1..S7) refer to the project's digest
+of the paper, ../shared/paper-notes.md, which also lists the details the paper leaves open.
+
+Read top to bottom: configuration, DiT building blocks, the MoE layer (routing, dispatch, threshold),
+the model, the auxiliary losses and routing statistics, the Gaussian diffusion.
+"""
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+# name -> (depth, hidden size, heads); S from DiT, B/M/L/XL from the paper's Table 4 (S1).
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 960, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+ROUTERS = ("race", "token", "expert", "dense")
+GATINGS = ("identity", "softmax", "sigmoid")
+
+
+@dataclass
+class Config:
+    input_size: int = 32          # spatial size of the (latent) image
+    in_channels: int = 4
+    patch_size: int = 2
+    depth: int = 28
+    hidden_size: int = 1152
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False     # True doubles the output channels (DiT's learned variance)
+    router: str = "race"          # race | token | expert | dense
+    num_experts: int = 8          # E
+    top_k: int = 2                # k: experts per token on average
+    split: int = 0                # hidden split: expert width = mlp_ratio * D / split; 0 means split = k
+    gating: str = "identity"      # identity | softmax | sigmoid (S3, Table 1)
+    threshold_decay: float = 0.99 # EMA decay of the inference threshold (S4, chosen)
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        need(self.router in ROUTERS, f"unknown router {self.router!r}; choose from {ROUTERS}")
+        need(self.gating in GATINGS, f"unknown gating {self.gating!r}; choose from {GATINGS}")
+        need(self.input_size % self.patch_size == 0,
+             f"image size {self.input_size} is not divisible by the patch size {self.patch_size}")
+        need(self.hidden_size % self.num_heads == 0, "hidden size must be divisible by the number of heads")
+        if self.router != "dense":
+            E, k = self.num_experts, self.top_k
+            need(1 <= k <= E, f"top-k must be between 1 and the number of experts: got k={k}, E={E}")
+            self.split = self.split or k
+            need(self.mlp_hidden * self.split == int(self.mlp_ratio * self.hidden_size),
+                 f"MLP width {int(self.mlp_ratio * self.hidden_size)} is not divisible by split {self.split}")
+            need(self.router != "expert" or self.capacity >= 1,
+                 f"expert-choice capacity k*L/E = {k}*{self.num_tokens}/{E} is below 1")
+
+    @property
+    def num_tokens(self):
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def out_channels(self):
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def mlp_hidden(self):  # width of one expert (or of the dense MLP)
+        return int(self.mlp_ratio * self.hidden_size) // (1 if self.router == "dense" else self.split)
+
+    @property
+    def capacity(self):  # tokens per expert per image under expert-choice (S3, Fig. 3)
+        return self.top_k * self.num_tokens // self.num_experts
+
+
+def make_config(name="S/2", experts=None, **kw):
+    """`make_config("XL/2", "4in32")` -> Config. `experts=None` (or router="dense") gives a dense DiT."""
+    m = re.fullmatch(r"(?:DiT-)?(S|B|M|L|XL)/(\d+)", name)
+    if not m:
+        raise ValueError(f"unknown model {name!r}; expected e.g. S/2, B/4, XL/2 (sizes {', '.join(SIZES)})")
+    depth, hidden, heads = SIZES[m.group(1)]
+    kw = {**dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(m.group(2))), **kw}
+    if experts is None:
+        kw.setdefault("router", "dense")
+    else:
+        e = re.fullmatch(r"(\d+)in(\d+)", experts)
+        if not e:
+            raise ValueError(f"experts must look like 2in8 (k in E), got {experts!r}")
+        kw.update(top_k=int(e.group(1)), num_experts=int(e.group(2)))
+    return Config(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiT building blocks (S1). Module names follow the reference DiT so its checkpoints load unchanged.
+
+def modulate(x, shift, scale):  # adaLN: x (B, L, D), shift/scale (B, D)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2D sin-cos embedding, (grid*grid, dim). Token r*grid+c: first half encodes the column c,
+    second half the row r, each as [sin, cos] over dim/4 frequencies (DiT's layout)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))   # (dim/4,)
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    def enc(pos):
+        ang = pos.reshape(-1, 1) * omega                                          # (G*G, dim/4)
+        return np.concatenate([np.sin(ang), np.cos(ang)], axis=1)
+    return torch.from_numpy(np.concatenate([enc(cols), enc(rows)], axis=1)).float()
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, p, c, d):
+        super().__init__()
+        self.proj = nn.Conv2d(c, d, kernel_size=p, stride=p)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, L, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, d, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+
+    def forward(self, t):  # (B,) -> (B, D); [cos, sin] order as in DiT
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        ang = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1))
+
+
+def drop_labels(y, p, num_classes, generator=None):
+    """Classifier-free guidance training: replace each label by the null class with probability p."""
+    drop = torch.rand(y.shape, device=y.device, generator=generator) < p
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, num_classes, d, dropout_prob):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), d)  # last row: null class
+
+    def forward(self, y):
+        if self.training and self.dropout_prob > 0:
+            y = drop_labels(y, self.dropout_prob, self.num_classes)
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, d)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The MoE layer (S2-S4)
+
+def grouped_matmul(x, w, ends, grouped=None):
+    """Rows of x (P, Din) are grouped by expert (group e ends at row ends[e]); returns group e @ w[e]
+    for every group, (P, Dout). On CUDA in bf16 one grouped GEMM runs with no host synchronisation;
+    elsewhere a loop over experts (torch.grouped_mm has no float64 and is slower on CPU)."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if grouped if grouped is not None else (dev == "cuda" and dtype == torch.bfloat16):
+        return F.grouped_mm(x.to(dtype), w.to(dtype), offs=ends.to(torch.int32))
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # the one host sync of this path
+    return torch.cat([xe @ we for xe, we in zip(x.split(counts), w)])
+
+
+class MoE(nn.Module):
+    """Router, E bias-free experts held as stacked weights, and the PLR target head (S2, S5).
+
+    forward(x (B, L, D)) -> (out (B, L, D), info) where info holds what the losses and statistics need:
+    logits (B, L, E), mask (B, L, E) of selected pairs, cutoff (race top-K), plr (B, L, p*p*C) in training.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        D, E, H = cfg.hidden_size, cfg.num_experts, cfg.mlp_hidden
+        self.strategy, self.gating, self.k, self.E = cfg.router, cfg.gating, cfg.top_k, E
+        self.capacity, self.decay = cfg.capacity, cfg.threshold_decay
+        self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))  # h = GELU(Linear(x))
+        self.gate = nn.Linear(D, E)                                                 # scores s = gate(h)
+        # S5 per-layer regularization: predict the diffusion target (epsilon, patchified) from h. The
+        # notes write p*p*C_out; a learned-sigma model has no target for its variance channels, so C.
+        self.target_head = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
+        bound = math.sqrt(6 / (D + H))  # xavier-uniform per expert, like the dense MLP's fc1/fc2
+        self.w1 = nn.Parameter(torch.empty(E, D, H).uniform_(-bound, bound))
+        self.w2 = nn.Parameter(torch.empty(E, H, D).uniform_(-bound, bound))
+        # S4 inference threshold: EMA of the race cutoff, updated by every training step.
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+        self.use_threshold = True  # eval-mode race routes by score >= threshold; False forces batch top-K
+
+    def gate_fn(self, logits):  # S3 / Table 1: the gating function turns logits into scores/weights
+        if self.gating == "softmax":
+            return logits.softmax(-1)
+        return logits.sigmoid() if self.gating == "sigmoid" else logits
+
+    def select(self, scores, B, L):
+        """Selected (token, expert) pairs as sorted indices into the expert-major flat (E * N) grid,
+        index e*N + n, so sorting groups the pairs by expert. Returns (pairs, race cutoff or None)."""
+        N, E, k = B * L, self.E, self.k
+        st = scores.t()                                                   # (E, N)
+        if self.strategy == "race":
+            if self.training or not self.use_threshold:
+                # Expert Race (S3): one top-K over all B*L*E scores; K = B*L*k exactly, ties included.
+                vals, idx = st.reshape(-1).topk(N * k, sorted=False)
+                return idx.sort().values, vals.min()
+            # S4: per-pair threshold, so a token's experts do not depend on its batch (host sync: the
+            # number of pairs is data dependent; inference only).
+            return (st.reshape(-1) >= self.threshold).nonzero().squeeze(1), None
+        if self.strategy == "token":                                      # top-k experts per token
+            e = scores.topk(k, dim=1).indices                             # (N, k)
+            idx = e * N + torch.arange(N, device=scores.device)[:, None]
+        else:                                                             # expert-choice, per image
+            l = st.view(E, B, L).topk(self.capacity, dim=2).indices       # (E, B, C) token positions
+            n = l + L * torch.arange(B, device=scores.device)[None, :, None]
+            idx = n + N * torch.arange(E, device=scores.device)[:, None, None]
+        return idx.reshape(-1).sort().values, None
+
+    def forward(self, x):
+        B, L, D = x.shape
+        N, E = B * L, self.E
+        xf = x.reshape(N, D)
+        h = self.router(xf)                                               # (N, D)
+        logits = self.gate(h)                                             # (N, E)
+        scores = self.gate_fn(logits)                                     # (N, E)
+        pairs, cutoff = self.select(scores.detach(), B, L)                # (P,) sorted, expert-major
+        expert, token = pairs // N, pairs % N                             # (P,), (P,)
+        # Group ends per expert, found in the sorted pairs without a host sync.
+        ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
+        # Dispatch: only the P selected pairs are computed; an expert may get any load, zero included.
+        hid = F.gelu(grouped_matmul(xf[token], self.w1, ends), approximate="tanh")     # (P, H)
+        out = grouped_matmul(hid, self.w2, ends) * scores[token, expert].unsqueeze(1)  # (P, D)
+        y = torch.zeros(N, D, device=x.device, dtype=out.dtype).index_add_(0, token, out)  # sum per token
+        mask = torch.zeros(E * N, dtype=torch.bool, device=x.device).index_fill_(0, pairs, True)
+        info = dict(logits=logits.view(B, L, E), mask=mask.view(E, B, L).permute(1, 2, 0), cutoff=cutoff)
+        if self.training:
+            info["plr"] = self.target_head(h).view(B, L, -1)
+            if cutoff is not None:
+                self.update_threshold(cutoff.detach().float())
+        return y.view(B, L, D), info
+
+    @torch.no_grad()
+    def update_threshold(self, cutoff):
+        # The first update takes the cutoff itself; later ones the EMA. torch.where avoids a host sync.
+        ema = self.decay * self.threshold + (1 - self.decay) * cutoff
+        self.threshold.copy_(torch.where(self.threshold_updates > 0, ema, cutoff))
+        self.threshold_updates += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(D, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(D, cfg.mlp_hidden) if cfg.router == "dense" else MoE(cfg)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x, c):  # x (B, L, D), c (B, D) -> (x, MoE info or None)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        h = modulate(self.norm2(x), shift2, scale2)
+        h, info = self.mlp(h) if isinstance(self.mlp, MoE) else (self.mlp(h), None)
+        return x + gate2.unsqueeze(1) * h, info
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, d, p, c_out):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(d, p * p * c_out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, L, p*p*C), the inverse of unpatchify (token layout (p, p, C))."""
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
+
+
+def unpatchify(x, p, c):
+    """(B, L, p*p*C) -> (B, C, H, W)."""
+    B, L, _ = x.shape
+    g = int(math.isqrt(L))
+    return x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, g * p, g * p)
+
+
+class RaceDiT(nn.Module):
+    """DiT (S1) whose block MLPs are MoE layers unless cfg.router == "dense".
+
+    model(x (B, C, H, W), t (B,), y (B,)) -> prediction (B, C_out, H, W);
+    with return_aux=True also the list of per-layer MoE infos (empty for a dense model)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        # A Parameter without gradient, as in DiT, so reference checkpoints and parameter counts match.
+        self.pos_embed = nn.Parameter(sincos_pos_embed(D, cfg.input_size // cfg.patch_size)[None],
+                                      requires_grad=False)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):  # DiT's initialisation (S1)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the model outputs zero.
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                      self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def moe_layers(self):
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    def forward(self, x, t, y, return_aux=False):
+        h = self.x_embedder(x) + self.pos_embed                           # (B, L, D)
+        c = self.t_embedder(t) + self.y_embedder(y)                       # (B, D)
+        aux = []
+        for block in self.blocks:
+            h, info = block(h, c)
+            if info is not None:
+                aux.append(info)
+        out = unpatchify(self.final_layer(h, c), self.cfg.patch_size, self.cfg.out_channels)
+        return (out, aux) if return_aux else out
+
+
+def guided_forward(model, x, t, y, cfg_scale):
+    """Classifier-free guidance with cond and uncond in one batched forward, applied to all of the
+    epsilon channels (a learned variance is taken from the conditional half). Returns (out, aux)."""
+    null = torch.full_like(y, model.cfg.num_classes)
+    out, aux = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), return_aux=True)
+    cond, uncond = out.chunk(2)
+    C = x.shape[1]
+    eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
+    return torch.cat([eps, cond[:, C:]], dim=1), aux
+
+
+def set_inference_routing(model, mode):
+    """'threshold' (default; S4) or 'topk' (batch top-K at inference, for comparison)."""
+    if mode not in ("threshold", "topk"):
+        raise ValueError(f"routing must be 'threshold' or 'topk', got {mode!r}")
+    for m in model.moe_layers():
+        m.use_threshold = mode == "threshold"
+
+
+def count_params(model, blocks_only=False):
+    """(total, activated) parameters used at inference; the training-only PLR heads are left out.
+    Activated counts one token's average use: the router and k experts, not E (S2, Table 4)."""
+    total = activated = 0
+    for name, p in (model.blocks if blocks_only else model).named_parameters():
+        if "target_head" in name:
+            continue
+        total += p.numel()
+        activated += p.numel() * model.cfg.top_k // model.cfg.num_experts if name.endswith((".w1", ".w2")) \
+            else p.numel()
+    return total, activated
+
+
+# ----------------------------------------------------------------------------------------------------
+# Auxiliary losses (S5, S6) and routing statistics. Each takes the per-layer infos the model returns.
+
+def router_similarity_loss(logits, mask):
+    """S6: L_sim = (1/N) sum_ij W_ij (P^T P)_ij, P = softmax(logits) (N, E), W from the selection counts
+    M^T M (no gradient): the diagonal balances each expert's load, the off-diagonal each pair's."""
+    E = logits.shape[-1]
+    P = logits.reshape(-1, E).float().softmax(-1)                         # (N, E)
+    M = mask.reshape(-1, E).float()                                       # (N, E)
+    Mp = M.t() @ M                                                        # (E, E) load / co-selection
+    eye = torch.eye(E, dtype=torch.bool, device=M.device)
+    diag, off = Mp.diagonal().sum(), Mp.masked_fill(eye, 0).sum()
+    W = torch.where(eye, E * Mp / diag.clamp(min=1), (E * E - E) * Mp / off.clamp(min=1))  # k=1: no pairs
+    return (W * (P.t() @ P)).sum() / P.shape[0]
+
+
+def balance_loss(logits, mask):
+    """Switch-style load balance for the token-choice baseline: E * sum_e f_e * mean P_e, where f_e is
+    the fraction of selections going to expert e; 1 when balanced."""
+    E = logits.shape[-1]
+    P = logits.reshape(-1, E).float().softmax(-1)
+    M = mask.reshape(-1, E).float()
+    return E * ((M.sum(0) / M.sum().clamp(min=1)) * P.mean(0)).sum()
+
+
+def moe_losses(aux, target):
+    """Means over MoE layers: plr (S5; needs training-mode infos), rsl (S6), balance. target: the
+    diffusion target patchified, (B, L, p*p*C)."""
+    n = len(aux)
+    out = dict(rsl=sum(router_similarity_loss(a["logits"], a["mask"]) for a in aux) / n,
+               balance=sum(balance_loss(a["logits"], a["mask"]) for a in aux) / n)
+    if "plr" in aux[0]:
+        out["plr"] = sum(F.mse_loss(a["plr"].float(), target) for a in aux) / n
+    return out
+
+
+@torch.no_grad()
+def routing_stats(aux, t=None, num_timesteps=1000, bins=10):
+    """Per layer and averaged: load per expert, MaxVio, combination usage (% of expert pairs covering
+    95% of co-activations; S6, Table 2) and mean experts per token; per timestep bin when t is given."""
+    layers = []
+    for a in aux:
+        M = a["mask"].reshape(-1, a["mask"].shape[-1]).float()            # (N, E)
+        E = M.shape[1]
+        load = M.sum(0)
+        pair = (M.t() @ M)[torch.triu_indices(E, E, 1).unbind()]          # (E(E-1)/2,) co-selections
+        cover = (pair.sort(descending=True).values.cumsum(0) < 0.95 * pair.sum()).sum() + 1
+        layers.append(dict(load=load.tolist(), max_vio=((load.max() - load.mean()) / load.mean()).item(),
+                           comb_usage=(100 * cover / max(len(pair), 1)).item() if pair.sum() > 0 else 0.0,
+                           experts_per_token=M.sum(1).mean().item()))
+    mean = lambda key: sum(l[key] for l in layers) / len(layers)
+    stats = dict(max_vio=mean("max_vio"), comb_usage=mean("comb_usage"),
+                 experts_per_token=mean("experts_per_token"), layers=layers)
+    if t is not None:  # per image: experts per token averaged over layers and tokens, then by t bin
+        per_image = torch.stack([a["mask"].float().sum(-1).mean(-1) for a in aux]).mean(0)  # (B,)
+        b = (t * bins // num_timesteps).clamp(max=bins - 1)
+        stats["experts_per_token_by_t"] = {
+            f"{i * num_timesteps // bins}-{(i + 1) * num_timesteps // bins - 1}": per_image[b == i].mean().item()
+            for i in range(bins) if (b == i).any()}
+    return stats
+
+
+@torch.no_grad()
+def calibrate_thresholds(model, diffusion, batches):
+    """S4 (chosen): re-estimate every race layer's inference threshold as the mean batch top-K cutoff
+    over training-like batches (x0, y): random t, noise and label dropout. Use it on EMA copies, whose
+    router logits differ from the online model's. Restores the model's mode and routing."""
+    layers = [m for m in model.moe_layers() if m.strategy == "race"]
+    if not layers:
+        return
+    was_training, was_threshold = model.training, layers[0].use_threshold
+    model.eval()
+    set_inference_routing(model, "topk")
+    sums, n = torch.zeros(len(layers)), 0
+    for x0, y in batches:
+        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+        y = drop_labels(y, model.cfg.class_dropout_prob, model.cfg.num_classes)
+        _, aux = model(diffusion.q_sample(x0, t, torch.randn_like(x0)), t, y, return_aux=True)
+        sums += torch.stack([a["cutoff"].float().cpu() for a in aux if a["cutoff"] is not None])
+        n += 1
+    for m, s in zip(layers, sums / max(n, 1)):
+        m.threshold.fill_(s.item())
+    set_inference_routing(model, "threshold" if was_threshold else "topk")
+    model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gaussian diffusion (S7, chosen: DDPM, linear betas 1e-4..0.02, 1000 steps, epsilon prediction)
+
+class Diffusion:
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+        self.num_timesteps = num_timesteps
+        self.betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+        self.alphas_cumprod = np.cumprod(1 - self.betas)
+
+    def _at(self, arr, t, x):  # gather a float64 schedule at t (B,) -> (B, 1, 1, 1) in x's dtype
+        return torch.as_tensor(arr, device=x.device)[t].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+
+    def q_sample(self, x0, t, noise):
+        return self._at(np.sqrt(self.alphas_cumprod), t, x0) * x0 + \
+            self._at(np.sqrt(1 - self.alphas_cumprod), t, x0) * noise
+
+    def training_losses(self, model, x0, y, plr_weight=0.1, sim_weight=0.01, balance_weight=0.0,
+                        t=None, noise=None):
+        """Returns (losses, aux): losses has 'loss' (the total to minimise) and each term unweighted
+        ('mse' and, for MoE models, 'plr', 'rsl', 'balance'); aux is the model's per-layer MoE infos."""
+        B, C = x0.shape[:2]
+        t = torch.randint(0, self.num_timesteps, (B,), device=x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
+        out, aux = model(self.q_sample(x0, t, noise), t, y, return_aux=True)
+        losses = dict(mse=F.mse_loss(out[:, :C].float(), noise))
+        loss = losses["mse"]
+        if aux:
+            losses.update(moe_losses(aux, patchify(noise, model.cfg.patch_size)))
+            loss = loss + sim_weight * losses["rsl"] + balance_weight * losses["balance"]
+            loss = loss + plr_weight * losses["plr"] if "plr" in losses else loss
+        losses["loss"] = loss
+        return losses, aux
+
+    def respaced(self, steps):
+        """Evenly spaced subset of the timesteps and the schedule restricted to it (DiT's respacing):
+        (timesteps, alphas_cumprod, alphas_cumprod_prev, betas), all of length `steps`."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
+        ts = np.unique(np.linspace(0, self.num_timesteps - 1, steps).round().astype(np.int64))
+        ab = self.alphas_cumprod[ts]
+        ab_prev = np.append(1.0, ab[:-1])
+        return ts, ab, ab_prev, 1 - ab / ab_prev
+
+    @torch.no_grad()
+    def sample(self, model, y, shape, steps=250, method="ddpm", cfg_scale=1.0, generators=None,
+               clip_x0=False, eta=0.0, on_step=None):
+        """Ancestral DDPM on respaced steps or DDIM (eta=0: deterministic). y (B,) labels, shape (C, H, W).
+        `generators`: one torch.Generator (CPU) per sample, so a sample does not depend on its batch.
+        on_step(i, t, aux) is called after every model evaluation (routing statistics)."""
+        if method not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {method!r}")
+        dev, B, C = y.device, y.shape[0], shape[0]
+        def randn():
+            if generators is None:
+                return torch.randn(B, *shape, device=dev)
+            return torch.stack([torch.randn(*shape, generator=g) for g in generators]).to(dev)
+        ts, ab, ab_prev, betas = self.respaced(steps)
+        post_var = betas * (1 - ab_prev) / (1 - ab)                        # posterior q(x_{t-1}|x_t, x0)
+        post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(ts) > 1 else np.log(betas)
+        x = randn()
+        for i in reversed(range(len(ts))):
+            t = torch.full((B,), int(ts[i]), device=dev, dtype=torch.long)
+            out, aux = guided_forward(model, x, t, y, cfg_scale) if cfg_scale != 1 else \
+                model(x, t, y, return_aux=True)
+            if on_step is not None:
+                on_step(i, int(ts[i]), aux)
+            out = out.float()
+            eps = out[:, :C]
+            x0 = (x - math.sqrt(1 - ab[i]) * eps) / math.sqrt(ab[i])
+            if clip_x0:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - math.sqrt(ab[i]) * x0) / math.sqrt(1 - ab[i])
+            if method == "ddim":
+                sigma = eta * math.sqrt((1 - ab_prev[i]) / (1 - ab[i]) * (1 - ab[i] / ab_prev[i]))
+                x = math.sqrt(ab_prev[i]) * x0 + math.sqrt(1 - ab_prev[i] - sigma ** 2) * eps
+                x = x + sigma * randn() if sigma > 0 else x
+                continue
+            mean = (betas[i] * math.sqrt(ab_prev[i]) * x0 + (1 - ab_prev[i]) * math.sqrt(1 - betas[i]) * x) \
+                / (1 - ab[i])
+            logvar = torch.full_like(x, post_logvar[i])
+            if out.shape[1] == 2 * C:  # learned variance: interpolate between beta~ and beta (DiT, IDDPM)
+                frac = (out[:, C:] + 1) / 2
+                logvar = frac * math.log(betas[i]) + (1 - frac) * post_logvar[i]
+            x = mean + (torch.exp(0.5 * logvar) * randn() if i > 0 else 0)
+        return x

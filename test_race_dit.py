@@ -1,0 +1,422 @@
+"""Tests for race_dit.py (model, routing, losses, diffusion). CPU only, no network."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import race_dit as R
+
+
+def tiny(router="race", experts="2in8", **kw):
+    kw = {**dict(input_size=8, in_channels=3, depth=2, hidden_size=32, num_heads=4, num_classes=4), **kw}
+    return R.make_config("S/2", experts if router != "dense" else None, router=router, **kw)
+
+
+def randomize_zero_init(model, std=0.1, seed=0):
+    """Fresh models output 0 (adaLN-Zero); give the zero-initialised layers weights to test functions."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and (p == 0).all():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def batch(cfg, B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    return x, torch.randint(0, 1000, (B,), generator=g), torch.randint(0, cfg.num_classes, (B,), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configurations and parameter counts (S1, S2)
+
+def test_dit_xl2_parameter_count_is_exact():
+    with torch.device("meta"):
+        model = R.RaceDiT(R.make_config("XL/2", learn_sigma=True))
+    assert R.count_params(model) == (675_129_632, 675_129_632)
+
+
+@pytest.mark.parametrize("name,experts,total,activated", [
+    ("B/2", None, 0.127, 0.127), ("B/2", "4in32", 0.531, 0.135), ("M/2", "4in32", 1.106, 0.281),
+    ("L/2", "4in32", 1.889, 0.479), ("XL/2", "4in32", 2.788, 0.707), ("XL/2", None, 0.669, 0.669)])
+def test_blocks_only_counts_match_paper_table4(name, experts, total, activated):
+    with torch.device("meta"):
+        model = R.RaceDiT(R.make_config(name, experts))
+    tot, act = R.count_params(model, blocks_only=True)
+    # Table 4 rounds inconsistently (M/2 1.10658 -> 1.106, L/2 1.88849 -> 1.889): one unit in the 3rd decimal.
+    assert abs(tot / 1e9 - total) < 1e-3 and abs(act / 1e9 - activated) < 1e-3
+
+
+def test_activated_count_is_router_plus_k_experts():
+    cfg = R.make_config("B/2", "4in32")
+    with torch.device("meta"):
+        tot, act = R.count_params(R.RaceDiT(cfg), blocks_only=True)
+    D, E, k = 768, 32, 4
+    assert tot - act == 12 * (E - k) * 2 * D * (4 * D // k)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(experts="9in8"), "top-k"), (dict(input_size=31), "divisible"),
+                                    (dict(router="foo"), "unknown router"), (dict(gating="relu"), "gating")])
+def test_bad_configurations_raise_clear_errors(kw, msg):
+    kw = {**dict(experts="2in8"), **kw}
+    with pytest.raises(ValueError, match=msg):
+        R.make_config("S/2", kw.pop("experts"), **kw)
+    with pytest.raises(ValueError, match="unknown model"):
+        R.make_config("Q/2")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A dense configuration is the reference DiT: same state_dict names and the same function
+
+def reference_dit(sd, x, t, y, p, heads, depth):
+    """DiT's forward written directly from the DiT paper on a state_dict, independent of race_dit."""
+    B, D = x.shape[0], sd["pos_embed"].shape[-1]
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
+    h = h.flatten(2).transpose(1, 2) + sd["pos_embed"]
+    freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    temb = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)
+    temb = F.linear(F.silu(F.linear(temb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
+                    sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
+    c = F.silu(temb + sd["y_embedder.embedding_table.weight"][y])
+    ln = lambda v: F.layer_norm(v, (D,), eps=1e-6)
+    for i in range(depth):
+        w = lambda n: (sd[f"blocks.{i}.{n}.weight"], sd[f"blocks.{i}.{n}.bias"])
+        mod = F.linear(c, *w("adaLN_modulation.1"))[:, None]
+        sa, ca, ga, sm, cm, gm = mod.chunk(6, -1)
+        a = ln(h) * (1 + ca) + sa
+        q, k, v = F.linear(a, *w("attn.qkv")).reshape(B, -1, 3, heads, D // heads).unbind(2)
+        att = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D // heads), -1)
+        h = h + ga * F.linear(torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, -1, D), *w("attn.proj"))
+        m = ln(h) * (1 + cm) + sm
+        h = h + gm * F.linear(F.gelu(F.linear(m, *w("mlp.fc1")), approximate="tanh"), *w("mlp.fc2"))
+    shift, scale = F.linear(c, sd["final_layer.adaLN_modulation.1.weight"],
+                            sd["final_layer.adaLN_modulation.1.bias"])[:, None].chunk(2, -1)
+    out = F.linear(ln(h) * (1 + scale) + shift, sd["final_layer.linear.weight"], sd["final_layer.linear.bias"])
+    G, C = int(math.isqrt(out.shape[1])), out.shape[-1] // (p * p)
+    return torch.einsum("nhwpqc->nchpwq", out.reshape(B, G, G, p, p, C)).reshape(B, C, G * p, G * p)
+
+
+def test_dense_config_loads_reference_dit_state_dict_and_computes_the_same_function():
+    D, p, C, G, ncls = 32, 2, 4, 4, 10
+    shapes = {"pos_embed": (1, G * G, D), "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
+              "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+              "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+              "y_embedder.embedding_table.weight": (ncls + 1, D),
+              "final_layer.linear.weight": (p * p * 2 * C, D), "final_layer.linear.bias": (p * p * 2 * C,),
+              "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,)}
+    for i in range(2):
+        shapes.update({f"blocks.{i}.attn.qkv.weight": (3 * D, D), f"blocks.{i}.attn.qkv.bias": (3 * D,),
+                       f"blocks.{i}.attn.proj.weight": (D, D), f"blocks.{i}.attn.proj.bias": (D,),
+                       f"blocks.{i}.mlp.fc1.weight": (4 * D, D), f"blocks.{i}.mlp.fc1.bias": (4 * D,),
+                       f"blocks.{i}.mlp.fc2.weight": (D, 4 * D), f"blocks.{i}.mlp.fc2.bias": (D,),
+                       f"blocks.{i}.adaLN_modulation.1.weight": (6 * D, D),
+                       f"blocks.{i}.adaLN_modulation.1.bias": (6 * D,)})
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=g) * 0.2 for k, s in shapes.items()}
+    model = R.RaceDiT(R.Config(input_size=G * p, in_channels=C, patch_size=p, depth=2, hidden_size=D,
+                               num_heads=4, num_classes=ncls, learn_sigma=True, router="dense"))
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+    model.load_state_dict(sd)
+    x, t, y = torch.randn(3, C, 8, 8, generator=g), torch.tensor([0, 500, 999]), torch.tensor([1, 10, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, t, y), reference_dit(sd, x, t, y, p, 4, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_pos_embed_layout_is_dits():
+    D, G = 16, 3
+    emb = R.sincos_pos_embed(D, G)
+    omega = 1 / 10000 ** (np.arange(D // 4) / (D // 4))
+    for r in range(G):
+        for c in range(G):
+            want = np.concatenate([np.sin(c * omega), np.cos(c * omega), np.sin(r * omega), np.cos(r * omega)])
+            np.testing.assert_allclose(emb[r * G + c].numpy(), want, atol=1e-6)
+
+
+def test_patchify_inverts_unpatchify():
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(R.unpatchify(R.patchify(x, 2), 2, 3), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("router", R.ROUTERS)
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_fresh_model_outputs_zeros(router, learn_sigma):
+    cfg = tiny(router, learn_sigma=learn_sigma)
+    out = R.RaceDiT(cfg)(*batch(cfg))
+    assert out.shape == (4, cfg.out_channels, 8, 8) and (out == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routing (S3): exact counts, ties, and the dispatch against a naive reference
+
+def route(router, experts="2in8", B=4, L=16, gating="identity", train=True, seed=0):
+    cfg = tiny(router, experts, gating=gating)
+    torch.manual_seed(seed)
+    layer = R.MoE(cfg).train(train)
+    x = torch.randn(B, L, cfg.hidden_size)
+    return layer, x, layer(x)
+
+
+def test_race_selects_exactly_BLk_pairs_with_variable_experts_per_token():
+    layer, x, (_, info) = route("race", "2in8")
+    per_token = info["mask"].sum(-1)                                      # (B, L)
+    assert info["mask"].sum() == 4 * 16 * 2
+    assert per_token.min() == 0 and per_token.max() > 2                   # no per-token quota
+
+
+def test_race_cutoff_is_kth_largest_score():
+    layer, x, (_, info) = route("race", "2in8")
+    scores = layer.gate(layer.router(x)).flatten().detach()
+    assert info["cutoff"] == scores.sort(descending=True).values[4 * 16 * 2 - 1]
+
+
+def test_race_selects_exactly_K_pairs_under_ties():
+    layer = R.MoE(tiny("race", "2in8"))
+    with torch.no_grad():
+        layer.gate.weight.zero_()
+        layer.gate.bias.zero_()                                          # every score equal
+    _, info = layer(torch.randn(3, 16, 32))
+    assert info["mask"].sum() == 3 * 16 * 2
+
+
+def test_token_choice_gives_exactly_k_per_token():
+    _, _, (_, info) = route("token", "2in8")
+    assert (info["mask"].sum(-1) == 2).all()
+
+
+def test_expert_choice_gives_exactly_kL_over_E_per_expert_per_image():
+    _, _, (_, info) = route("expert", "2in8")
+    assert (info["mask"].sum(1) == 2 * 16 // 8).all()                    # (B, E)
+
+
+def naive_moe(layer, x, mask):
+    """Every expert on every token, masked: sum_e mask * score * Expert_e(x)."""
+    s = layer.gate_fn(layer.gate(layer.router(x)))                        # (B, L, E)
+    y = torch.zeros_like(x)
+    for e in range(layer.E):
+        y = y + (mask[..., e] * s[..., e]).unsqueeze(-1) * (F.gelu(x @ layer.w1[e], approximate="tanh") @ layer.w2[e])
+    return y
+
+
+@pytest.mark.parametrize("router", ["race", "token", "expert"])
+@pytest.mark.parametrize("gating", R.GATINGS)
+@pytest.mark.parametrize("train", [True, False])
+def test_dispatch_equals_naive_reference_forward_and_gradients(router, gating, train):
+    cfg = tiny(router, "2in8", gating=gating)
+    torch.manual_seed(1)
+    layer = R.MoE(cfg).double().train(train)
+    layer.threshold.fill_(0.0 if gating == "identity" else 0.2)
+    ref = copy.deepcopy(layer)
+    x = torch.randn(3, 16, 32, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    out, info = layer(x)
+    want = naive_moe(ref, xr, info["mask"])
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    for (n, p), pr in zip(layer.named_parameters(), ref.parameters()):
+        if n.startswith("target_head"):
+            continue                                                      # PLR head: not on the MoE output
+        torch.testing.assert_close(p.grad, pr.grad, msg=n)
+
+
+def test_grouped_gemm_path_equals_loop_path():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 8, generator=g, requires_grad=True)
+    w = torch.randn(4, 8, 16, generator=g, requires_grad=True)
+    ends = torch.tensor([3, 3, 7, 10])                                    # expert 1 gets no rows
+    a = R.grouped_matmul(x, w, ends, grouped=True)
+    b = R.grouped_matmul(x, w, ends, grouped=False)
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a, (x, w), torch.ones_like(a).contiguous())
+    gb = torch.autograd.grad(b, (x, w), torch.ones_like(b))
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inference threshold (S4)
+
+def test_threshold_is_ema_of_cutoff():
+    layer = R.MoE(tiny("race", "2in8", threshold_decay=0.9))
+    cuts = [layer(torch.randn(2, 16, 32))[1]["cutoff"] for _ in range(3)]
+    want = cuts[0]
+    for c in cuts[1:]:
+        want = 0.9 * want + 0.1 * c
+    torch.testing.assert_close(layer.threshold, want.float())
+
+
+def test_eval_threshold_routing_is_batch_invariant_and_topk_is_not():
+    cfg = tiny("race", "2in8")
+    model = randomize_zero_init(R.RaceDiT(cfg))
+    for m in model.moe_layers():
+        m.threshold.fill_(0.05)
+    model.eval()
+    (xa, ta, ya), (xb, tb, yb) = batch(cfg, 3, seed=1), batch(cfg, 5, seed=2)
+    cat = torch.cat([xa, xb]), torch.cat([ta, tb]), torch.cat([ya, yb])
+    with torch.no_grad():
+        torch.testing.assert_close(model(*cat)[:3], model(xa, ta, ya), rtol=1e-5, atol=1e-6)
+        R.set_inference_routing(model, "topk")
+        assert not torch.allclose(model(*cat)[:3], model(xa, ta, ya), rtol=1e-5, atol=1e-6)
+
+
+def overfit(cfg, steps, images=8, lr=1e-3, seed=0, **loss_kw):
+    torch.manual_seed(seed)
+    model, diffusion = R.RaceDiT(cfg), R.Diffusion()
+    x0, _, y = batch(cfg, images, seed=seed)
+    x0 = x0.clamp(-1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0)
+    for _ in range(steps):
+        losses, _ = diffusion.training_losses(model, x0, y, **loss_kw)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    return model, diffusion, x0, y
+
+
+def mean_experts_per_token(model, diffusion, x0, y, seed):
+    g = torch.Generator().manual_seed(seed)
+    x0, y = x0.repeat(4, 1, 1, 1), y.repeat(4)
+    t = torch.randint(0, 1000, (len(x0),), generator=g)
+    model.eval()
+    with torch.no_grad():
+        _, aux = model(diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g)), t, y, return_aux=True)
+    return R.routing_stats(aux)["experts_per_token"]
+
+
+def test_threshold_activates_about_k_experts_and_calibration_restores_a_perturbed_copy():
+    cfg = tiny("race", "2in8", threshold_decay=0.9)
+    model, diffusion, x0, y = overfit(cfg, 120)
+    k = cfg.top_k
+    assert abs(mean_experts_per_token(model, diffusion, x0, y, seed=5) - k) < 0.15 * k
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in other.moe_layers():
+            m.gate.bias += 0.5                                            # shifts every logit: stale thresholds
+    assert abs(mean_experts_per_token(other, diffusion, x0, y, seed=5) - k) > 0.15 * k
+    R.calibrate_thresholds(other, diffusion, [(x0.repeat(4, 1, 1, 1), y.repeat(4))] * 8)
+    assert abs(mean_experts_per_token(other, diffusion, x0, y, seed=5) - k) < 0.15 * k
+    assert not other.training and other.moe_layers()[0].use_threshold     # mode restored
+
+
+# ---------------------------------------------------------------------------------------------------
+# Auxiliary losses (S5, S6) and statistics
+
+def test_rsl_is_one_for_uniform_routing_and_higher_for_collapsed_pairs():
+    E, N = 4, 12
+    logits = torch.zeros(N, E)                                            # P uniform
+    pairs = [(0, 1), (2, 3), (0, 2), (1, 3), (0, 3), (1, 2)]              # every pair equally often
+    uniform = torch.zeros(N, E, dtype=torch.bool)
+    for n in range(N):
+        uniform[n, list(pairs[n % 6])] = True
+    assert R.router_similarity_loss(logits, uniform).item() == pytest.approx(1.0)
+    collapsed = torch.zeros(N, E, dtype=torch.bool)
+    collapsed[: N // 2, [0, 1]] = True
+    collapsed[N // 2:, [2, 3]] = True                                     # a 2-in-4 acting like 1-in-2
+    peaked = torch.where(collapsed, 3.0, 0.0)                             # router that follows the collapse
+    assert R.router_similarity_loss(peaked, collapsed) > R.router_similarity_loss(peaked, uniform) + 0.1
+    one = torch.zeros(N, E, dtype=torch.bool)
+    one[torch.arange(N), torch.arange(N) % E] = True                      # k = 1: no pairs, no division by 0
+    assert R.router_similarity_loss(logits, one).item() == pytest.approx(1 / E)
+
+
+def test_rsl_gradient_reaches_only_the_router():
+    layer = R.MoE(tiny("race", "2in8"))
+    x = torch.randn(4, 16, 32, requires_grad=True)
+    _, info = layer(x)
+    R.router_similarity_loss(info["logits"], info["mask"]).backward()
+    for name, p in layer.named_parameters():
+        touched = p.grad is not None and p.grad.abs().sum() > 0
+        assert touched == name.startswith(("router", "gate")), name        # not the experts nor the PLR head
+    assert x.grad.abs().sum() > 0                                         # through the router's input
+
+
+def test_plr_gradient_reaches_every_layers_router():
+    cfg = tiny("race", "2in8", depth=3)
+    model = R.RaceDiT(cfg).train()
+    x, t, y = batch(cfg)
+    _, aux = model(x, t, y, return_aux=True)
+    R.moe_losses(aux, R.patchify(torch.randn_like(x), 2))["plr"].backward()
+    for m in model.moe_layers():
+        assert m.router[0].weight.grad.abs().sum() > 0 and m.target_head.weight.grad.abs().sum() > 0
+
+
+def test_loss_weights_zero_turn_terms_off():
+    cfg = tiny("race", "2in8")
+    model = R.RaceDiT(cfg)
+    x, t, y = batch(cfg)
+    noise = torch.randn_like(x)
+    losses, _ = R.Diffusion().training_losses(model, x, y, plr_weight=0, sim_weight=0, t=t, noise=noise)
+    assert losses["loss"] == losses["mse"] and losses["plr"] > 0 and losses["rsl"] > 0
+    full, _ = R.Diffusion().training_losses(model, x, y, plr_weight=0.1, sim_weight=0.01, t=t, noise=noise)
+    torch.testing.assert_close(full["loss"], full["mse"] + 0.1 * full["plr"] + 0.01 * full["rsl"])
+
+
+def test_routing_stats_on_a_known_mask():
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)                         # 4 tokens, 4 experts
+    mask[0, :, 0] = True                                                  # expert 0 on every token
+    mask[0, 0, 1] = mask[0, 1, 1] = mask[0, 2, 2] = True                  # pairs (0,1) x2, (0,2) x1
+    s = R.routing_stats([dict(mask=mask)], t=torch.tensor([999]))
+    assert s["layers"][0]["load"] == [4, 2, 1, 0]
+    assert s["max_vio"] == pytest.approx((4 - 7 / 4) / (7 / 4))
+    assert s["comb_usage"] == pytest.approx(100 * 2 / 6)                  # both pairs needed for 95%
+    assert s["experts_per_token"] == pytest.approx(7 / 4)
+    assert s["experts_per_token_by_t"] == {"900-999": pytest.approx(7 / 4)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Diffusion (S7)
+
+def test_guidance_scale_one_equals_conditional_prediction():
+    cfg = tiny("race", "2in8", learn_sigma=True)
+    model = randomize_zero_init(R.RaceDiT(cfg)).eval()
+    x, t, y = batch(cfg)
+    with torch.no_grad():
+        out, _ = R.guided_forward(model, x, t, y, 1.0)
+        torch.testing.assert_close(out, model(x, t, y), rtol=1e-5, atol=1e-6)
+        out4, _ = R.guided_forward(model, x, t, y, 4.0)
+        assert not torch.allclose(out4[:, :3], out[:, :3]) and torch.equal(out4[:, 3:], out[:, 3:])
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_samplers_are_deterministic_and_batch_independent(method):
+    cfg = tiny("race", "2in8")
+    model = randomize_zero_init(R.RaceDiT(cfg)).eval()
+    d = R.Diffusion()
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    y = torch.tensor([0, 1, 2])
+    a = d.sample(model, y, (3, 8, 8), steps=5, method=method, cfg_scale=2.0, generators=gens([1, 2, 3]))
+    b = d.sample(model, y, (3, 8, 8), steps=5, method=method, cfg_scale=2.0, generators=gens([1, 2, 3]))
+    c = d.sample(model, y[1:2], (3, 8, 8), steps=5, method=method, cfg_scale=2.0, generators=gens([2]))
+    assert torch.equal(a, b) and a.isfinite().all()
+    torch.testing.assert_close(c, a[1:2], rtol=1e-4, atol=1e-5)
+
+
+def test_respacing_keeps_endpoints_and_full_schedule():
+    d = R.Diffusion()
+    ts, ab, _, betas = d.respaced(1000)
+    np.testing.assert_allclose(betas, d.betas)
+    ts, _, _, _ = d.respaced(4)
+    assert list(ts) == [0, 333, 666, 999]
+
+
+def test_tiny_race_dit_overfits_a_handful_of_images():
+    cfg = tiny("race", "2in8")
+    d = R.Diffusion()
+    x0, _, y = batch(cfg, 8)
+    g = torch.Generator().manual_seed(3)
+    t, noise = torch.randint(0, 1000, (64,), generator=g), torch.randn(64, *x0.shape[1:], generator=g)
+
+    def held_loss(model):
+        model.eval()
+        with torch.no_grad():
+            return d.training_losses(model, x0.clamp(-1, 1).repeat(8, 1, 1, 1), y.repeat(8), t=t, noise=noise)[0]["mse"]
+    before = held_loss(R.RaceDiT(cfg))
+    model, *_ = overfit(cfg, 300, lr=2e-3)
+    after = held_loss(model)
+    assert after < 0.5 * before, (before, after)
