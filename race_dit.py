@@ -138,9 +138,9 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1))
 
 
-def drop_labels(y, p, num_classes, generator=None):
+def drop_labels(y, p, num_classes):
     """Classifier-free guidance training: replace each label by the null class with probability p."""
-    drop = torch.rand(y.shape, device=y.device, generator=generator) < p
+    drop = torch.rand(y.shape, device=y.device) < p
     return torch.where(drop, torch.full_like(y, num_classes), y)
 
 
@@ -198,7 +198,8 @@ class MoE(nn.Module):
     """Router, E bias-free experts held as stacked weights, and the PLR target head (S2, S5).
 
     forward(x (B, L, D)) -> (out (B, L, D), info) where info holds what the losses and statistics need:
-    logits (B, L, E), mask (B, L, E) of selected pairs, cutoff (race top-K), plr (B, L, p*p*C) in training.
+    logits (B, L, E), mask (B, L, E) of selected pairs, cutoff (race top-K), plr (B, L, p*p*C) in training
+    (the model turns it into image layout (B, C, H, W)).
     """
 
     def __init__(self, cfg: Config):
@@ -310,12 +311,6 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def patchify(x, p):
-    """(B, C, H, W) -> (B, L, p*p*C), the inverse of unpatchify (token layout (p, p, C))."""
-    B, C, H, W = x.shape
-    return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
-
-
 def unpatchify(x, p, c):
     """(B, L, p*p*C) -> (B, C, H, W)."""
     B, L, _ = x.shape
@@ -370,6 +365,8 @@ class RaceDiT(nn.Module):
         for block in self.blocks:
             h, info = block(h, c)
             if info is not None:
+                if "plr" in info:  # S5 predictions in image layout, like the diffusion target
+                    info["plr"] = unpatchify(info["plr"], self.cfg.patch_size, self.cfg.in_channels)
                 aux.append(info)
         out = unpatchify(self.final_layer(h, c), self.cfg.patch_size, self.cfg.out_channels)
         return (out, aux) if return_aux else out
@@ -434,7 +431,7 @@ def balance_loss(logits, mask):
 
 def moe_losses(aux, target):
     """Means over MoE layers: plr (S5; needs training-mode infos), rsl (S6), balance. target: the
-    diffusion target patchified, (B, L, p*p*C)."""
+    diffusion target (B, C, H, W)."""
     n = len(aux)
     out = dict(rsl=sum(router_similarity_loss(a["logits"], a["mask"]) for a in aux) / n,
                balance=sum(balance_loss(a["logits"], a["mask"]) for a in aux) / n)
@@ -520,7 +517,7 @@ class Diffusion:
         losses = dict(mse=F.mse_loss(out[:, :C].float(), noise))
         loss = losses["mse"]
         if aux:
-            losses.update(moe_losses(aux, patchify(noise, model.cfg.patch_size)))
+            losses.update(moe_losses(aux, noise))
             loss = loss + sim_weight * losses["rsl"] + balance_weight * losses["balance"]
             loss = loss + plr_weight * losses["plr"] if "plr" in losses else loss
         losses["loss"] = loss
