@@ -416,3 +416,161 @@ def test_tiny_race_dit_overfits_a_handful_of_images():
     model, *_ = overfit(cfg, 300, lr=2e-3)
     after = held_loss(model)
     assert after < 0.5 * before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py
+
+import gzip  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+import train  # noqa: E402
+
+FAST = ["--model", "XS/8", "--batch-size", "8", "--log-every", "2", "--sample-steps", "3"]
+
+
+def run_train(tmp, *extra, steps=4):
+    train.main([*FAST, "--steps", str(steps), "--out", str(tmp), *extra])
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def losses_by_step(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(Path(out) / "metrics.jsonl"))}
+
+
+def test_train_end_to_end_writes_checkpoint_metrics_and_grid(tmp_path, capsys):
+    run_train(tmp_path, "--save-every", "2", "--sample-every", "4")
+    assert "step 4/4" in capsys.readouterr().out
+    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 4 and set(ckpt) >= {"model", "ema", "opt", "config", "rng", "args"}
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["experts_per_token"] == pytest.approx(2.0) and "comb_usage" in record and "max_vio" in record
+    grid = Image.open(tmp_path / "samples" / "step_0000004.png")
+    assert grid.size == (8 * 34 + 2, 10 * 34 + 2)                        # 10 classes x 8 samples
+
+
+def test_resume_continues_exactly(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_train(a, "--save-every", "3", "--sample-every", "3", steps=6)
+    run_train(b, "--save-every", "3", "--sample-every", "3", steps=3)
+    run_train(b, "--save-every", "3", "--sample-every", "3", "--resume", steps=6)
+    la, lb = losses_by_step(a), losses_by_step(b)
+    assert la.keys() == lb.keys() == {2, 3, 4, 6}
+    for s in la:                                                          # CPU kernels: equal to float noise
+        assert lb[s] == pytest.approx(la[s], rel=1e-6)
+
+
+def expect_error(capsys, argv, message, code=2):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code and message in err and err.count("\n") == 1, err
+
+
+def test_bad_inputs_give_one_clear_error_and_keep_the_checkpoint(tmp_path, capsys):
+    run_train(tmp_path, "--sample-every", "0")
+    before = digest(tmp_path / "ckpt.pt")
+    base = [*FAST, "--out", str(tmp_path), "--resume", "--steps", "8"]
+    expect_error(capsys, base + ["--model", "Q/2"], "unknown model")
+    expect_error(capsys, base + ["--experts", "9in8"], "top-k must be between 1 and the number of experts")
+    expect_error(capsys, base + ["--model", "XS/4", "--image-size", "30"], "not divisible by the patch size")
+    expect_error(capsys, base + ["--data", "latents", "--data-dir", str(tmp_path / "none")], "no moments.npy")
+    expect_error(capsys, base + ["--data", str(tmp_path / "nowhere")], "neither a known dataset nor a folder")
+    expect_error(capsys, base + ["--experts", "1in8"], "is from another configuration: top_k=2")
+    expect_error(capsys, [*FAST, "--out", str(tmp_path)], "exists; pass --resume")
+    expect_error(capsys, base + ["--lr", "1e6"], "loss became nan", code=3)
+    assert digest(tmp_path / "ckpt.pt") == before
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(train.UserError, match="not a readable checkpoint"):
+        train.load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           "train.py", *FAST, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "thresholds identical across 2 ranks: True" in res.stdout
+    assert "1/4" not in res.stdout and res.stdout.count("step 4/4") == 1  # rank 0 alone prints
+    assert len(train.load_checkpoint(tmp_path / "ckpt.pt")["rng"]) == 2
+
+
+def test_cifar10_reads_the_official_archive_and_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    batches = {f"data_batch_{i}": {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+                                   b"labels": [i, 2, 9]} for i in range(1, 6)}
+    batches["test_batch"] = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 1]}
+    folder = tmp_path / "x" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, b in batches.items():
+        (folder / name).write_bytes(pickle.dumps(b))
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    for root in (tmp_path, tmp_path / "x"):                               # archive, then extracted folder
+        ds = train.load_cifar10(root)
+        assert len(ds) == 15 and ds[3][1] == 2
+        x, y = ds[0]
+        assert x.shape == (3, 32, 32) and y == 1 and torch.equal(x.flatten(), torch.from_numpy(batches["data_batch_1"][b"data"][0]))
+        assert len(train.load_cifar10(root, train=False)) == 2
+
+
+def test_fashion_mnist_reads_idx_gz_files(tmp_path):
+    imgs = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(3, 28, 28)
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(np.array([2051, 3, 28, 28], ">i4").tobytes() + imgs.tobytes())
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(np.array([2049, 3], ">i4").tobytes() + bytes([7, 0, 3]))
+    ds = train.load_fashion_mnist(tmp_path)
+    assert len(ds) == 3 and ds[2][1] == 3 and torch.equal(ds[1][0][0], torch.from_numpy(imgs[1]))
+
+
+def make_folder_dataset(root, n=3, sizes=((40, 60), (64, 64), (33, 50))):
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            colour = (200, 0, 0) if c == "cat" else (0, 0, 200)
+            Image.new("RGB", sizes[i % len(sizes)], colour).save(root / c / f"{i}.png")
+
+
+def test_image_folder_center_crops_and_trains(tmp_path):
+    make_folder_dataset(tmp_path / "imgs", n=4)
+    ds = train.FolderDataset(tmp_path / "imgs", 16)
+    assert len(ds) == 8 and ds[0][0].shape == (3, 16, 16) and ds[7][1] == 1
+    assert ds[0][0][0].float().mean() == pytest.approx(200, abs=1) and ds[7][0][2].float().mean() == pytest.approx(200, abs=1)
+    run_train(tmp_path / "run", "--data", str(tmp_path / "imgs"), "--image-size", "16", "--sample-every", "0")
+    assert (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_latent_format_round_trips(tmp_path):
+    make_folder_dataset(tmp_path / "imgs")
+    def encode(x):  # a stand-in VAE: 8x downsampling, 4 channels, fixed small variance
+        m = F.avg_pool2d(x, 8)
+        return torch.cat([m, -m[:, :1]], 1), torch.full((len(x), 4, 2, 2), -30.0)
+    train.extract_latents(tmp_path / "imgs", tmp_path / "lat", 16, encode, "cpu", batch=4, workers=0)
+    ds = train.load_latents(tmp_path / "lat")
+    assert len(ds) == 6 and ds[0][0].shape == (2, 8, 2, 2) and list(ds.y) == [0, 0, 0, 1, 1, 1]
+    x = torch.stack([ds[i][0] for i in range(6)])
+    img = torch.stack([train.FolderDataset(tmp_path / "imgs", 16)[i][0] for i in range(6)]).float() / 127.5 - 1
+    mean, _ = encode(img)
+    torch.testing.assert_close(x[:, 0, :4].float(), mean, atol=2e-3, rtol=2e-3)              # stored as float16
+    torch.testing.assert_close(x[:, 1, :4].float(), encode(img.flip(-1))[0], atol=2e-3, rtol=2e-3)
+    z = train.to_model_input(x, ds)                                       # posterior sample of image or flip
+    assert z.shape == (6, 4, 2, 2)
+    near = lambda f: (z - x[:, f, :4].float() * train.LATENT_SCALE).abs().amax((1, 2, 3)) < 1e-4
+    assert (near(0) | near(1)).all()
+    run_train(tmp_path / "run", "--data", "latents", "--data-dir", str(tmp_path / "lat"), "--model", "XS/1",
+              "--sample-every", "0", "--batch-size", "4")
+    assert train.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]["in_channels"] == 4

@@ -87,7 +87,7 @@ def center_crop(img, size):
     img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
     a = np.asarray(img)
     top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
-    return np.ascontiguousarray(a[top:top + size, left:left + size])
+    return np.array(a[top:top + size, left:left + size])
 
 
 def make_shapes(n=10_000, size=32, seed=0):
@@ -258,22 +258,25 @@ def load_vae(name, device):
 
 
 @torch.no_grad()
-def extract_latents(folder, out_dir, image_size, vae_name, device, batch=64):
-    """Encode a class-folder image dataset into the latent format that `--data latents` reads."""
-    vae, ds = load_vae(vae_name, device), FolderDataset(folder, image_size)
-    out_dir = Path(out_dir)
+def extract_latents(folder, out_dir, image_size, encode, device, batch=64, workers=4):
+    """Encode a class-folder image dataset into the format `--data latents` reads. encode(x in [-1, 1])
+    -> (mean, logvar), each (B, C, size/8, size/8); `--extract` passes the Stable Diffusion VAE's."""
+    ds, out_dir = FolderDataset(folder, image_size), Path(out_dir)
+    if len(ds) == 0:
+        raise UserError(f"no images found under {folder}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    g = image_size // 8
-    moments = np.lib.format.open_memmap(out_dir / "moments.npy.tmp", "w+", np.float16, (len(ds), 2, 8, g, g))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=4)
+    moments = None
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
     for i, (x, _) in enumerate(loader):
         x = x.to(device).float() / 127.5 - 1
-        for flip in range(2):
-            dist_ = vae.encode(x.flip(-1) if flip else x).latent_dist
-            moments[i * batch:i * batch + len(x), flip] = torch.cat([dist_.mean, dist_.logvar], 1).cpu().numpy()
+        both = torch.stack([torch.cat(encode(v), dim=1) for v in (x, x.flip(-1))], dim=1)  # (B, 2, 2C, h, w)
+        if moments is None:
+            moments = np.lib.format.open_memmap(out_dir / "moments.tmp.npy", "w+", np.float16,
+                                                (len(ds), *both.shape[1:]))
+        moments[i * batch:i * batch + len(x)] = both.cpu().numpy()
         print(f"encoded {min((i + 1) * batch, len(ds))}/{len(ds)}", flush=True)
     moments.flush()
-    os.replace(out_dir / "moments.npy.tmp", out_dir / "moments.npy")
+    os.replace(out_dir / "moments.tmp.npy", out_dir / "moments.npy")
     np.save(out_dir / "labels.npy", ds.y)
 
 
@@ -283,13 +286,10 @@ def extract_latents(folder, out_dir, image_size, vae_name, device, batch=64):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data", default="shapes", help="shapes | cifar10 | fashion-mnist | latents | path to a class-folder dataset")
+    a("--data", default="shapes", help="shapes | cifar10 | fashion-mnist | latents | a class-folder path")
     a("--data-dir", default="data", help="where cifar10 / fashion-mnist / latents files live")
     a("--image-size", type=int, default=32, help="for shapes and image folders")
-    a("--model", default="S/4", help="S|B|M|L|XL / patch, e.g. B/2")
-    a("--depth", type=int, help="override the size's depth (small CPU runs)")
-    a("--hidden-size", type=int, help="override the size's width")
-    a("--num-heads", type=int, help="override the size's heads")
+    a("--model", default="XS/4", help="XS|S|B|M|L|XL / patch, e.g. B/2")
     a("--experts", default="2in8", help="k in E, e.g. 4in32")
     a("--router", default="race", choices=R.ROUTERS)
     a("--gating", default="identity", choices=R.GATINGS)
@@ -300,7 +300,7 @@ def parse_args(argv=None):
     a("--threshold-decay", type=float, default=0.99)
     a("--lr", type=float, default=1e-4)
     a("--batch-size", type=int, default=32, help="per process")
-    a("--steps", type=int, default=3000)
+    a("--steps", type=int, default=2000)
     a("--ema-decay", type=float, default=0.9999)
     a("--seed", type=int, default=0)
     a("--out", default="runs/default")
@@ -310,7 +310,7 @@ def parse_args(argv=None):
     a("--workers", type=int, default=0, help="data loader workers (image folders, latents)")
     a("--log-every", type=int, default=50)
     a("--save-every", type=int, default=1000)
-    a("--sample-every", type=int, default=1000)
+    a("--sample-every", type=int, default=500, help="0: no sample grids")
     a("--sample-steps", type=int, default=50)
     a("--cfg-scale", type=float, default=2.0)
     a("--vae", default="stabilityai/sd-vae-ft-ema", help="decodes latent samples (diffusers)")
@@ -323,49 +323,53 @@ def model_config(args, ds):
     shape = x.shape[1:] if ds.latent else x.shape                          # (C, H, W)
     if shape[1] != shape[2]:
         raise UserError(f"images must be square, got {tuple(shape)}")
-    over = {k: v for k, v in dict(depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads).items()
-            if v is not None}
-    return R.make_config(args.model, None if args.router == "dense" else args.experts, router=args.router,
-                         gating=args.gating, split=args.split, threshold_decay=args.threshold_decay,
-                         input_size=shape[-1], in_channels=shape[0] // 2 if ds.latent else shape[0],
-                         num_classes=int(ds.y.max()) + 1, **over)
+    try:
+        return R.make_config(args.model, None if args.router == "dense" else args.experts, router=args.router,
+                             gating=args.gating, split=args.split, threshold_decay=args.threshold_decay,
+                             input_size=shape[-1], in_channels=shape[0] // 2 if ds.latent else shape[0],
+                             num_classes=int(ds.y.max()) + 1)
+    except ValueError as e:
+        raise UserError(e)
+
+
+def check_resume(ckpt, cfg, args, world):
+    """What defines the run must match the checkpoint; lr, loss weights, --steps and logging may change."""
+    diff = [f"{k}={v} in the checkpoint, {getattr(cfg, k)} now" for k, v in ckpt["config"].items()
+            if getattr(cfg, k) != v]
+    diff += [f"{k}={ckpt['args'][k]} in the checkpoint, {getattr(args, k)} now"
+             for k in ("data", "image_size", "batch_size", "seed") if ckpt["args"][k] != getattr(args, k)]
+    diff += [f"{len(ckpt['rng'])} processes in the checkpoint, {world} now"] if len(ckpt["rng"]) != world else []
+    if diff:
+        raise UserError(f"{Path(args.out) / 'ckpt.pt'} is from another configuration: {'; '.join(diff)}")
 
 
 @torch.no_grad()
-def sample_grid(ema, diffusion, cfg, args, ds, device, path, vae=None):
-    """One row per class (10 classes at most), the same seeds at every step."""
+def sample_grid(ema, diffusion, args, ds, path, vae=None):
+    """One row per class (10 classes at most), 8 samples each, the same seeds at every step."""
+    cfg, device = ema.cfg, ema.pos_embed.device
     classes = np.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().astype(int)
     y = torch.tensor(classes, device=device).repeat_interleave(8)
     gens = [torch.Generator().manual_seed(args.seed * 10_000 + i) for i in range(len(y))]
     x = diffusion.sample(ema, y, (cfg.in_channels, cfg.input_size, cfg.input_size), steps=args.sample_steps,
                          cfg_scale=args.cfg_scale, generators=gens, clip_x0=not ds.latent)
-    if ds.latent:
-        if vae is None:
-            return
+    if ds.latent and vae is not None:
         x = vae.decode(x / LATENT_SCALE).sample
-    save_grid(x, path, nrow=8)
+    if not ds.latent or vae is not None:
+        save_grid(x, path, nrow=8)
 
 
 def train(args):
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     out, ds = Path(args.out), load_data(args)
-    cfg = model_config(args, ds)
+    cfg, ckpt_path = model_config(args, ds), out / "ckpt.pt"
     if args.batch_size * world > len(ds):
         raise UserError(f"global batch {args.batch_size * world} is larger than the dataset ({len(ds)})")
-    ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists() and not args.resume:
         raise UserError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
     ckpt = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
-    if ckpt is not None:  # what defines the run must match; lr, loss weights and --steps may change
-        diff = [f"{k}={v} in the checkpoint, {getattr(cfg, k)} now" for k, v in ckpt["config"].items()
-                if getattr(cfg, k) != v]
-        diff += [f"{k}={ckpt['args'][k]} in the checkpoint, {getattr(args, k)} now"
-                 for k in ("data", "image_size", "batch_size", "seed") if ckpt["args"][k] != getattr(args, k)]
-        diff += [f"{len(ckpt['rng'])} processes in the checkpoint, {world} now"] if len(ckpt["rng"]) != world else []
-        if diff:
-            raise UserError(f"{ckpt_path} is from another configuration: {'; '.join(diff)}")
-
+    if ckpt is not None:
+        check_resume(ckpt, cfg, args, world)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -378,9 +382,10 @@ def train(args):
             vae = load_vae(args.vae, device)
         except Exception as e:
             log(f"note: sample grids of latents need the VAE; none this run ({str(e)[:120]})")
+
     torch.manual_seed(args.seed * 1000 + rank)
     model = R.RaceDiT(cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False) if rank == 0 else None  # only rank 0 writes
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if rank == 0 else None  # only rank 0 writes
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
     start = 0
     if ckpt is not None:
@@ -390,10 +395,10 @@ def train(args):
             group["lr"] = args.lr
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
-        start = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        start, rng = ckpt["step"], ckpt["rng"][rank]
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
         log(f"resumed {ckpt_path} at step {start}")
     total, active = R.count_params(model)
     log(f"{args.model} {cfg.router} {'' if cfg.router == 'dense' else args.experts} on {args.data} "
@@ -404,15 +409,16 @@ def train(args):
     net = torch.compile(net) if args.compile else net
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)
-    loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=BatchOrder(len(ds), args.batch_size, args.seed, start,
-                                                                           rank, world),
-                                              num_workers=args.workers, pin_memory=device.type == "cuda"))
+    order = BatchOrder(len(ds), args.batch_size, args.seed, start, rank, world)
+    # Its own generator: creating a DataLoader iterator draws a seed, which must not shift torch's stream.
+    loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=args.workers,
+                                              generator=torch.Generator(), pin_memory=device.type == "cuda"))
     fixed = [ds[i] for i in range(min(len(ds), 4 * args.batch_size))]      # calibration images
     calib_x, calib_y = torch.stack([x for x, _ in fixed]).to(device), torch.tensor([y for _, y in fixed]).to(device)
 
     def calibrate_ema(step):
-        """S4: the EMA's thresholds from its own router logits. A forked RNG stream, so saving or
-        sampling never changes the training run's randomness (resume stays exact)."""
+        """S4: the EMA's thresholds from its own router logits, in a forked RNG stream so that saving
+        and sampling never change the training run's randomness (resume stays exact)."""
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
             torch.manual_seed(args.seed + step)
             R.calibrate_thresholds(ema, diffusion, [(to_model_input(calib_x[i::4], ds), calib_y[i::4])
@@ -428,11 +434,39 @@ def train(args):
                          "opt": opt.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
                          "args": vars(args), "rng": rngs}, ckpt_path)
 
+    def report(done, n, sums, aux, t, seconds):
+        """Losses averaged over the steps since the last report and over processes: a progress line, a
+        metrics.jsonl record with the routing statistics; a NaN or Inf stops the run before any save."""
+        names = sorted(sums)
+        vals = torch.stack([sums[k] for k in names]) / n
+        if world > 1:
+            dist.all_reduce(vals)
+            vals /= world
+        vals = dict(zip(names, vals.tolist()))
+        if not all(map(math.isfinite, vals.values())):
+            raise Diverged(f"loss became {vals['loss']} between steps {done - n} and {done}; stopping. "
+                           f"{ckpt_path} (the last good checkpoint, if any) is untouched; try a lower --lr")
+        rate = n / seconds
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        eta = int((args.steps - done) / rate)
+        log(f"step {done}/{args.steps} | " + " ".join(f"{k} {vals[k]:.4f}" for k in names) +
+            f" | {rate:.2f} steps/s {rate * args.batch_size * world:.1f} img/s | peak mem {mem:.2f} GiB"
+            f" | eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s", flush=True)
+        if rank == 0:
+            record = dict(step=done, **vals, steps_per_s=rate, images_per_s=rate * args.batch_size * world, mem_gib=mem)
+            if aux:
+                stats = R.routing_stats(aux, t)
+                record.update({k: v for k, v in stats.items() if k != "layers"},
+                              load=[l["load"] for l in stats["layers"]],
+                              threshold=[m.threshold.item() for m in model.moe_layers()])
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     thresholds = [m.threshold for m in model.moe_layers()]
-    acc, n_acc, t_last, step_last = {}, 0, time.time(), start
+    sums, n, tick = {}, 0, time.time()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "samples").mkdir(exist_ok=True)
+        (out / "samples").mkdir(parents=True, exist_ok=True)
     for step in range(start, args.steps):
         x, y = next(loader)
         x0, y = to_model_input(x.to(device, non_blocking=True), ds), y.to(device, non_blocking=True)
@@ -443,53 +477,29 @@ def train(args):
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
-        if world > 1 and thresholds:  # every rank raced its own batch: average, so all ranks agree
+        if world > 1 and thresholds:  # each rank raced its own batch: average, so all ranks agree
             mean = torch.stack(thresholds)
             dist.all_reduce(mean)
             torch._foreach_copy_(thresholds, list((mean / world).unbind()))
-        if ema is not None:  # warm-up so short runs get a useful EMA; then args.ema_decay
+        if ema is not None:  # warm-up so that short runs get a useful EMA, then args.ema_decay
             decay = min(args.ema_decay, (1 + step) / (10 + step))
             for pe, p in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(p.detach(), 1 - decay)
             for be, b in zip(ema.buffers(), model.buffers()):
                 be.copy_(b)
-        acc = {k: acc.get(k, 0) + v.detach().float() for k, v in losses.items()}
-        n_acc, done = n_acc + 1, step + 1
+        sums = {k: sums.get(k, 0) + v.detach().float() for k, v in losses.items()}
+        n, done = n + 1, step + 1
         saving = done % args.save_every == 0 or done == args.steps
         sampling = rank == 0 and args.sample_every and (done % args.sample_every == 0 or done == args.steps)
-        if not (done % args.log_every == 0 or saving or sampling):
-            continue
-        names = sorted(acc)
-        vals = torch.stack([acc[k] for k in names]) / n_acc
-        if world > 1:
-            dist.all_reduce(vals)
-            vals /= world
-        vals = dict(zip(names, vals.tolist()))
-        if not all(map(math.isfinite, vals.values())):
-            raise Diverged(f"loss became {vals['loss']} between steps {done - n_acc} and {done}; stopping. "
-                           f"{ckpt_path} (the last good checkpoint, if any) is untouched; try a lower --lr")
-        dt, rate = time.time() - t_last, (done - step_last) / (time.time() - t_last)
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        eta = (args.steps - done) / max(rate, 1e-9)
-        log(f"step {done}/{args.steps} | " + " ".join(f"{k} {vals[k]:.4f}" for k in names) +
-            f" | {rate:.2f} steps/s {rate * args.batch_size * world:.1f} img/s | mem {mem:.2f} GiB"
-            f" | eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s", flush=True)
-        if rank == 0:
-            record = dict(step=done, **vals, steps_per_s=rate, images_per_s=rate * args.batch_size * world, mem_gib=mem)
-            if aux:
-                stats = R.routing_stats(aux, t)
-                record.update({k: stats[k] for k in stats if k != "layers"},
-                              load=[l["load"] for l in stats["layers"]], threshold=[v.item() for v in thresholds])
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        acc, n_acc, t_last, step_last = {}, 0, time.time(), done
-        if rank == 0 and (saving or sampling):
-            calibrate_ema(done)
-        if sampling:
-            sample_grid(ema, diffusion, cfg, args, ds, device, out / "samples" / f"step_{done:07d}.png", vae)
-        if saving:
-            save(done)
+        if done % args.log_every == 0 or saving or sampling:
+            report(done, n, sums, aux, t, time.time() - tick)
+            if rank == 0 and (saving or sampling):
+                calibrate_ema(done)
+            if sampling:
+                sample_grid(ema, diffusion, args, ds, out / "samples" / f"step_{done:07d}.png", vae)
+            if saving:
+                save(done)
+            sums, n, tick = {}, 0, time.time()
     if world > 1 and thresholds:
         every = [None] * world
         dist.all_gather_object(every, [v.item() for v in thresholds])
@@ -508,16 +518,16 @@ def main(argv=None):
     try:
         if args.extract:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            return extract_latents(args.extract, args.data_dir, args.image_size, args.vae, device)
+            vae = load_vae(args.vae, device)
+            encode = lambda x: (lambda d: (d.mean, d.logvar))(vae.encode(x).latent_dist)
+            return extract_latents(args.extract, args.data_dir, args.image_size, encode, device, workers=args.workers)
         for flag in ("steps", "batch_size", "log_every", "save_every", "image_size"):
             if getattr(args, flag) <= 0:
                 raise UserError(f"--{flag.replace('_', '-')} must be positive")
         train(args)
-    except (UserError, ValueError) as e:
-        sys.exit(f"train.py: error: {e}")
-    except Diverged as e:
+    except (UserError, Diverged) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(3 if isinstance(e, Diverged) else 2)
 
 
 if __name__ == "__main__":
