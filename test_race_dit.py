@@ -574,3 +574,77 @@ def test_latent_format_round_trips(tmp_path):
     run_train(tmp_path / "run", "--data", "latents", "--data-dir", str(tmp_path / "lat"), "--model", "XS/1",
               "--sample-every", "0", "--batch-size", "4")
     assert train.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]["in_channels"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample.py
+
+import sample  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run_train(out, "--sample-every", "0", "--lr", "1e-3", steps=6)
+    return str(out / "ckpt.pt")
+
+
+def run_sample(ckpt, *extra):
+    sample.main(["--ckpt", ckpt, "--steps", "4", "--cfg-scale", "2", "--num-samples", "8", *extra])
+
+
+def test_same_seed_same_images_for_batch_size_1_and_8(ckpt, tmp_path):
+    run_sample(ckpt, "--batch-size", "1", "--npz", str(tmp_path / "a.npz"), "--out", "")
+    run_sample(ckpt, "--batch-size", "8", "--npz", str(tmp_path / "b.npz"), "--out", "")
+    a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
+    assert a.shape == (8, 32, 32, 3) and a.dtype == np.uint8                 # ADM layout
+    assert np.abs(a.astype(int) - b).max() <= 1                           # float noise may flip a rounding
+    run_sample(ckpt, "--batch-size", "8", "--seed", "1", "--npz", str(tmp_path / "c.npz"), "--out", "")
+    assert not np.array_equal(np.load(tmp_path / "c.npz")["arr_0"], a)
+
+
+def test_interrupted_npz_generation_resumes_to_the_same_file(ckpt, tmp_path, monkeypatch):
+    run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "full.npz"), "--out", "")
+    calls, real = [], sample.generate
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(sample, "generate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "res.npz"), "--out", "")
+    assert sorted(p.name for p in (tmp_path / "res.npz.parts").iterdir()) == ["00000000.npy", "00000002.npy", "meta.json"]
+    calls.clear()
+    run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "res.npz"), "--out", "")
+    assert len(calls) == 2 and not (tmp_path / "res.npz.parts").exists()   # only the missing batches
+    assert np.array_equal(np.load(tmp_path / "res.npz")["arr_0"], np.load(tmp_path / "full.npz")["arr_0"])
+
+
+def test_routing_stats_json_and_chart(ckpt, tmp_path, capsys):
+    run_sample(ckpt, "--routing-stats", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png"), "--labels", "0,9")
+    stats = json.loads((tmp_path / "r.json").read_text())
+    assert stats["timesteps"] == [999, 666, 333, 0] and len(stats["per_layer"]) == 6
+    assert all(v > 0 for v in stats["mean"]) and all(len(l) == 4 for l in stats["per_layer"])
+    assert Image.open(tmp_path / "r.png").size == (720, 420)
+    assert Image.open(tmp_path / "g.png").size == (8 * 34 + 2, 34 + 2)
+    assert f"mean experts per token (threshold routing): {stats['overall']:.3f}" in capsys.readouterr().out
+
+
+def test_topk_routing_uses_exactly_k_experts_per_token(ckpt, tmp_path, capsys):
+    run_sample(ckpt, "--routing", "topk", "--routing-stats", str(tmp_path / "r.json"), "--out", "")
+    assert json.loads((tmp_path / "r.json").read_text())["mean"] == [pytest.approx(2.0)] * 4
+
+
+@pytest.mark.parametrize("content", [b"garbage", None])
+def test_foreign_or_corrupted_checkpoint_is_refused(tmp_path, capsys, ckpt, content):
+    path = tmp_path / "bad.pt"
+    if content is None:
+        torch.save({"state_dict": {}}, path)                               # a foreign (readable) checkpoint
+    else:
+        path.write_bytes(Path(ckpt).read_bytes()[:1000])                   # truncated
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("sample.py: error:") and err.count("\n") == 1
+    assert ("not a race-dit checkpoint" if content is None else "not a readable checkpoint") in err

@@ -344,14 +344,21 @@ def check_resume(ckpt, cfg, args, world):
 
 
 @torch.no_grad()
+def generate(model, diffusion, y, first, seed, steps, cfg_scale, clip_x0, method="ddpm", on_step=None):
+    """Samples for labels y, sample i seeded by (seed, first + i) alone: the same images whatever the
+    batch size or process split (with threshold routing)."""
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + first + i) for i in range(len(y))]
+    shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
+    return diffusion.sample(model, y, shape, steps=steps, method=method, cfg_scale=cfg_scale, generators=gens,
+                            clip_x0=clip_x0, on_step=on_step)
+
+
 def sample_grid(ema, diffusion, args, ds, path, vae=None):
     """One row per class (10 classes at most), 8 samples each, the same seeds at every step."""
-    cfg, device = ema.cfg, ema.pos_embed.device
+    cfg = ema.cfg
     classes = np.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().astype(int)
-    y = torch.tensor(classes, device=device).repeat_interleave(8)
-    gens = [torch.Generator().manual_seed(args.seed * 10_000 + i) for i in range(len(y))]
-    x = diffusion.sample(ema, y, (cfg.in_channels, cfg.input_size, cfg.input_size), steps=args.sample_steps,
-                         cfg_scale=args.cfg_scale, generators=gens, clip_x0=not ds.latent)
+    y = torch.tensor(classes, device=ema.pos_embed.device).repeat_interleave(8)
+    x = generate(ema, diffusion, y, 0, args.seed, args.sample_steps, args.cfg_scale, clip_x0=not ds.latent)
     if ds.latent and vae is not None:
         x = vae.decode(x / LATENT_SCALE).sample
     if not ds.latent or vae is not None:
