@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 # name -> (depth, hidden size, heads); S from DiT, B/M/L/XL from the paper's Table 4 (S1);
 # XS is ours, for CPU runs and tests.
-SIZES = {"XS": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 960, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+SIZES = {"XS": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 960, 16), "L": (24, 1024, 16),
+         "XL": (28, 1152, 16)}
 ROUTERS = ("race", "token", "expert", "dense")
 GATINGS = ("identity", "softmax", "sigmoid")
 
@@ -243,8 +244,8 @@ class MoE(nn.Module):
             e = scores.topk(k, dim=1).indices                             # (N, k)
             idx = e * N + torch.arange(N, device=scores.device)[:, None]
         else:                                                             # expert-choice, per image
-            l = st.view(E, B, L).topk(self.capacity, dim=2).indices       # (E, B, C) token positions
-            n = l + L * torch.arange(B, device=scores.device)[None, :, None]
+            pos = st.view(E, B, L).topk(self.capacity, dim=2).indices     # (E, B, C) token positions
+            n = pos + L * torch.arange(B, device=scores.device)[None, :, None]
             idx = n + N * torch.arange(E, device=scores.device)[:, None, None]
         return idx.reshape(-1).sort().values, None
 

@@ -174,8 +174,8 @@ def run(args, grid_max=256):
         if images is not None and sum(map(len, shown)) < grid_max:
             shown.append(images)
         if rank == 0:
-            print(f"batch {b + 1}/{len(mine)} (process 0 of {world}): samples {s}..{s + len(images if images is not None else latents[-1]) - 1}"
-                  f" of {len(labels)}", flush=True)
+            last = min(s + args.batch_size, len(labels)) - 1
+            print(f"batch {b + 1}/{len(mine)} (process 0 of {world}): samples {s}..{last} of {len(labels)}", flush=True)
     if world > 1:
         dist.barrier()
     if rank != 0:

@@ -523,7 +523,8 @@ def test_cifar10_reads_the_official_archive_and_folder(tmp_path):
         ds = train.load_cifar10(root)
         assert len(ds) == 15 and ds[3][1] == 2
         x, y = ds[0]
-        assert x.shape == (3, 32, 32) and y == 1 and torch.equal(x.flatten(), torch.from_numpy(batches["data_batch_1"][b"data"][0]))
+        assert x.shape == (3, 32, 32) and y == 1
+        assert torch.equal(x.flatten(), torch.from_numpy(batches["data_batch_1"][b"data"][0]))
         assert len(train.load_cifar10(root, train=False)) == 2
 
 
@@ -549,7 +550,8 @@ def test_image_folder_center_crops_and_trains(tmp_path):
     make_folder_dataset(tmp_path / "imgs", n=4)
     ds = train.FolderDataset(tmp_path / "imgs", 16)
     assert len(ds) == 8 and ds[0][0].shape == (3, 16, 16) and ds[7][1] == 1
-    assert ds[0][0][0].float().mean() == pytest.approx(200, abs=1) and ds[7][0][2].float().mean() == pytest.approx(200, abs=1)
+    assert ds[0][0][0].float().mean() == pytest.approx(200, abs=1)              # red cats
+    assert ds[7][0][2].float().mean() == pytest.approx(200, abs=1)              # blue dogs
     run_train(tmp_path / "run", "--data", str(tmp_path / "imgs"), "--image-size", "16", "--sample-every", "0")
     assert (tmp_path / "run" / "ckpt.pt").exists()
 
@@ -614,7 +616,8 @@ def test_interrupted_npz_generation_resumes_to_the_same_file(ckpt, tmp_path, mon
     monkeypatch.setattr(sample, "generate", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "res.npz"), "--out", "")
-    assert sorted(p.name for p in (tmp_path / "res.npz.parts").iterdir()) == ["00000000.npy", "00000002.npy", "meta.json"]
+    on_disk = sorted(p.name for p in (tmp_path / "res.npz.parts").iterdir())
+    assert on_disk == ["00000000.npy", "00000002.npy", "meta.json"]
     calls.clear()
     run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "res.npz"), "--out", "")
     assert len(calls) == 2 and not (tmp_path / "res.npz.parts").exists()   # only the missing batches
@@ -648,3 +651,17 @@ def test_foreign_or_corrupted_checkpoint_is_refused(tmp_path, capsys, ckpt, cont
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("sample.py: error:") and err.count("\n") == 1
     assert ("not a race-dit checkpoint" if content is None else "not a readable checkpoint") in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# benchmarks
+
+def test_bench_script_reports_ratios(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
+    import bench
+    bench.main(["--models", "XS/8:dense,XS/8:race:2in8", "--rounds", "1", "--warmup", "0", "--image-size", "16",
+                "--batch-size", "2", "--json", str(tmp_path / "b.json")])
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["XS/8:dense", "XS/8:race:2in8"] and rows[0]["train_ratio"] == 1.0
+    assert rows[1]["activated"] < rows[1]["params"] and rows[1]["train_ms"] > 0
+    assert "XS/8:race:2in8" in capsys.readouterr().out

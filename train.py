@@ -8,7 +8,6 @@ Train Race-DiT (or a dense / token-choice / expert-choice baseline) on one devic
 See README.md for the data formats and the paper's settings.
 """
 import argparse
-import contextlib
 import copy
 import dataclasses
 import gzip
@@ -27,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 
 import race_dit as R
@@ -432,7 +430,7 @@ def train(args):
                                                     for i in range(4)])
 
     def save(step):
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         rngs = [rng] * world
         if world > 1:
             dist.all_gather_object(rngs, rng)

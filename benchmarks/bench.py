@@ -39,13 +39,14 @@ def sync(device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=DEFAULT, help="comma list of SIZE/PATCH:ROUTER[:KinE]; the first is the baseline")
+    p.add_argument("--models", default=DEFAULT,
+                   help="comma list of SIZE/PATCH:ROUTER[:KinE]; the first is the baseline")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
     p.add_argument("--json", default="benchmarks/bench.json")

@@ -18,7 +18,6 @@ Finished runs are skipped and interrupted ones resume (train.py --resume).
 """
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
