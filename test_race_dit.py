@@ -465,9 +465,12 @@ def test_resume_continues_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run_train(a, "--save-every", "3", "--sample-every", "3", steps=6)
     run_train(b, "--save-every", "3", "--sample-every", "3", steps=3)
+    with open(b / "metrics.jsonl", "a") as f:                             # logged after the save, then killed
+        f.write(json.dumps(dict(step=4, loss=9.0)) + "\n")
     run_train(b, "--save-every", "3", "--sample-every", "3", "--resume", steps=6)
     la, lb = losses_by_step(a), losses_by_step(b)
     assert la.keys() == lb.keys() == {2, 3, 4, 6}
+    assert len((b / "metrics.jsonl").read_text().splitlines()) == 4         # the stale step-4 record is gone
     for s in la:                                                          # CPU kernels: equal to float noise
         assert lb[s] == pytest.approx(la[s], rel=1e-6)
 

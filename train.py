@@ -112,14 +112,16 @@ def make_shapes(n=10_000, size=32, seed=0):
 
 
 def download(url, dest, md5):
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        urllib.request.urlretrieve(url, str(dest) + ".part")
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
     except OSError as e:
         raise UserError(f"{dest.name} is not in {dest.parent} and could not be downloaded ({e}); "
                         f"fetch {url} and put it there")
-    if hashlib.md5(Path(str(dest) + ".part").read_bytes()).hexdigest() != md5:
-        raise UserError(f"checksum mismatch for {url}; download it again")
+    if hashlib.md5(data).hexdigest() != md5:
+        raise UserError(f"{url} arrived corrupted (md5 mismatch); try again")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(dest) + ".part").write_bytes(data)
     os.replace(str(dest) + ".part", dest)
 
 
@@ -354,13 +356,12 @@ def generate(model, diffusion, y, first, seed, steps, cfg_scale, clip_x0, method
 def sample_grid(ema, diffusion, args, ds, path, vae=None):
     """One row per class (10 classes at most), 8 samples each, the same seeds at every step."""
     cfg = ema.cfg
+    if ds.latent and vae is None:
+        return
     classes = np.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().astype(int)
     y = torch.tensor(classes, device=ema.pos_embed.device).repeat_interleave(8)
     x = generate(ema, diffusion, y, 0, args.seed, args.sample_steps, args.cfg_scale, clip_x0=not ds.latent)
-    if ds.latent and vae is not None:
-        x = vae.decode(x / LATENT_SCALE).sample
-    if not ds.latent or vae is not None:
-        save_grid(x, path, nrow=8)
+    save_grid(vae.decode(x / LATENT_SCALE).sample if ds.latent else x, path, nrow=8)
 
 
 def train(args):
@@ -472,6 +473,9 @@ def train(args):
     sums, n, tick = {}, 0, time.time()
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
+        if ckpt is not None and (out / "metrics.jsonl").exists():  # drop records the resumed steps will redo
+            kept = [l for l in open(out / "metrics.jsonl") if json.loads(l)["step"] <= start]
+            (out / "metrics.jsonl").write_text("".join(kept))
     for step in range(start, args.steps):
         x, y = next(loader)
         x0, y = to_model_input(x.to(device, non_blocking=True), ds), y.to(device, non_blocking=True)
