@@ -20,7 +20,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
 import race_dit as R
-from train import LATENT_SCALE, UserError, generate, load_checkpoint, load_vae, save_grid
+from train import LATENT_SCALE, UserError, generate, load_checkpoint, load_vae, save_grid, to_uint8
 
 
 def parse_args(argv=None):
@@ -59,17 +59,12 @@ def load_model(path, device, online=False):
 
 def choose_labels(args, num_classes):
     if args.labels:
-        given = [int(v) for v in args.labels.split(",")]
-        if not all(0 <= v < num_classes for v in given):
-            raise UserError(f"labels must be in 0..{num_classes - 1}")
+        given = [int(v) for v in args.labels.split(",") if v.strip().isdigit()]
+        if len(given) != len(args.labels.split(",")) or not all(v < num_classes for v in given):
+            raise UserError(f"--labels must be comma-separated classes in 0..{num_classes - 1}")
         n = args.num_samples or len(given)
         return torch.tensor(given).repeat(math.ceil(n / len(given)))[:n]
     return torch.randint(0, num_classes, (args.num_samples or 64,), generator=torch.Generator().manual_seed(args.seed))
-
-
-def to_uint8(x):  # (B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return np.repeat(x, 3, axis=3) if x.shape[3] == 1 else x
 
 
 class RoutingStats:
@@ -126,6 +121,10 @@ def main(argv=None):
 
 
 def run(args, grid_max=256):
+    for flag, ok in [("steps", 1 <= args.steps <= 1000), ("batch_size", args.batch_size > 0),
+                     ("num_samples", (args.num_samples or 1) > 0), ("nrow", args.nrow > 0)]:
+        if not ok:
+            raise UserError(f"--{flag.replace('_', '-')} is out of range")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else args.device)
     model, ckpt = load_model(args.ckpt, device, args.online)
@@ -187,8 +186,7 @@ def run(args, grid_max=256):
         shutil.rmtree(parts)
         print(f"wrote {args.npz}: arr_0 {arr.shape} {arr.dtype}")
     if args.out and shown:
-        x = torch.from_numpy(np.concatenate(shown)[:grid_max]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        save_grid(x, args.out, nrow=args.nrow)
+        save_grid(np.concatenate(shown)[:grid_max], args.out, nrow=args.nrow)
         print(f"wrote {args.out}")
     if latents:
         path = Path(args.out or "samples").with_suffix(".latents.npy")

@@ -668,3 +668,11 @@ def test_bench_script_reports_ratios(tmp_path, capsys):
     assert [r["model"] for r in rows] == ["XS/8:dense", "XS/8:race:2in8"] and rows[0]["train_ratio"] == 1.0
     assert rows[1]["activated"] < rows[1]["params"] and rows[1]["train_ms"] > 0
     assert "XS/8:race:2in8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [(["--labels", "3,x"], "--labels must be comma-separated classes"),
+                                           (["--labels", "10"], "in 0..9"), (["--steps", "0"], "--steps")])
+def test_sample_rejects_bad_flags(ckpt, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", ckpt, "--out", "", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err

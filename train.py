@@ -235,17 +235,20 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def to_uint8(x):
+    """Model-space images (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, 3), grey replicated to RGB."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return np.repeat(x, 3, axis=3) if x.shape[3] == 1 else x
+
+
 def save_grid(images, path, nrow):
-    """images (N, C, H, W) in [-1, 1] -> one PNG, nrow images per row, 2px gaps."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    N, _, H, W = x.shape
-    rows = math.ceil(N / nrow)
-    grid = torch.zeros(3, rows * (H + 2) + 2, nrow * (W + 2) + 2, dtype=torch.uint8)
-    for i, img in enumerate(x):
+    """uint8 images (N, H, W, 3) -> one PNG, nrow images per row, 2 px gaps."""
+    N, H, W, _ = images.shape
+    grid = np.zeros((math.ceil(N / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, 3), np.uint8)
+    for i, img in enumerate(images):
         r, c = divmod(i, nrow)
-        grid[:, 2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = img
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+        grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = img
+    Image.fromarray(grid).save(path)
 
 
 def load_vae(name, device):
@@ -361,7 +364,7 @@ def sample_grid(ema, diffusion, args, ds, path, vae=None):
     classes = np.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().astype(int)
     y = torch.tensor(classes, device=ema.pos_embed.device).repeat_interleave(8)
     x = generate(ema, diffusion, y, 0, args.seed, args.sample_steps, args.cfg_scale, clip_x0=not ds.latent)
-    save_grid(vae.decode(x / LATENT_SCALE).sample if ds.latent else x, path, nrow=8)
+    save_grid(to_uint8(vae.decode(x / LATENT_SCALE).sample if ds.latent else x), path, nrow=8)
 
 
 def train(args):

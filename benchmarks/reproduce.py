@@ -192,7 +192,8 @@ def main(argv=None):
                             "--save-every", str(max(args.steps // 4, 1)), "--out", str(run), "--resume", *flags])
             res, grid, curve = evaluate(run / "ckpt.pt", routing, test_x, test_y, net, test_feats, args)
             results[name] = res | dict(curve=curve)
-            train.save_grid(grid, out / f"grid_{run.name}{'_topk' if routing == 'topk' else ''}.png", nrow=10)
+            suffix = "_topk" if routing == "topk" else ""
+            train.save_grid(train.to_uint8(grid), out / f"grid_{run.name}{suffix}.png", nrow=10)
             results_path.write_text(json.dumps(results, indent=1))
         r = results[name]
         curves.setdefault(SAME_RUN.get(name, name), r["curve"])
