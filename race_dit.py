@@ -456,7 +456,7 @@ def routing_stats(aux, t=None, num_timesteps=1000, bins=10):
         layers.append(dict(load=load.tolist(), max_vio=((load.max() - load.mean()) / load.mean()).item(),
                            comb_usage=(100 * cover / max(len(pair), 1)).item() if pair.sum() > 0 else 0.0,
                            experts_per_token=M.sum(1).mean().item()))
-    mean = lambda key: sum(l[key] for l in layers) / len(layers)
+    mean = lambda key: sum(layer[key] for layer in layers) / len(layers)
     stats = dict(max_vio=mean("max_vio"), comb_usage=mean("comb_usage"),
                  experts_per_token=mean("experts_per_token"), layers=layers)
     if t is not None:  # per image: experts per token averaged over layers and tokens, then by t bin

@@ -101,8 +101,8 @@ def draw_chart(stats, path, k, size=(720, 420), pad=50):
         d.text((xy(t, 0)[0] - 10, pad + H + 8), str(t), fill="black", font=font)
     d.line([xy(999, k), xy(0, k)], fill=(170, 170, 170))
     n = len(stats["per_layer"])
-    for l, values in enumerate(stats["per_layer"]):
-        colour = (int(40 + 200 * l / max(n - 1, 1)), 110, int(240 - 200 * l / max(n - 1, 1)))
+    for i, values in enumerate(stats["per_layer"]):
+        colour = (int(40 + 200 * i / max(n - 1, 1)), 110, int(240 - 200 * i / max(n - 1, 1)))
         d.line([xy(t, v) for t, v in zip(stats["timesteps"], values)], fill=colour, width=1)
     d.line([xy(t, v) for t, v in zip(stats["timesteps"], stats["mean"])], fill="black", width=3)
     d.text((pad, 15), f"experts per token: layers shallow (blue) to deep (red), mean (black), k = {k} (grey)",

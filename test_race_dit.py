@@ -631,7 +631,7 @@ def test_routing_stats_json_and_chart(ckpt, tmp_path, capsys):
     run_sample(ckpt, "--routing-stats", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png"), "--labels", "0,9")
     stats = json.loads((tmp_path / "r.json").read_text())
     assert stats["timesteps"] == [999, 666, 333, 0] and len(stats["per_layer"]) == 6
-    assert all(v > 0 for v in stats["mean"]) and all(len(l) == 4 for l in stats["per_layer"])
+    assert all(v > 0 for v in stats["mean"]) and all(len(v) == 4 for v in stats["per_layer"])
     assert Image.open(tmp_path / "r.png").size == (720, 420)
     assert Image.open(tmp_path / "g.png").size == (8 * 34 + 2, 34 + 2)
     assert f"mean experts per token (threshold routing): {stats['overall']:.3f}" in capsys.readouterr().out

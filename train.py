@@ -467,7 +467,7 @@ def train(args):
             if aux:
                 stats = R.routing_stats(aux, t)
                 record.update({k: v for k, v in stats.items() if k != "layers"},
-                              load=[l["load"] for l in stats["layers"]],
+                              load=[layer["load"] for layer in stats["layers"]],
                               threshold=[m.threshold.item() for m in model.moe_layers()])
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -477,7 +477,7 @@ def train(args):
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         if ckpt is not None and (out / "metrics.jsonl").exists():  # drop records the resumed steps will redo
-            kept = [l for l in open(out / "metrics.jsonl") if json.loads(l)["step"] <= start]
+            kept = [line for line in open(out / "metrics.jsonl") if json.loads(line)["step"] <= start]
             (out / "metrics.jsonl").write_text("".join(kept))
     for step in range(start, args.steps):
         x, y = next(loader)

@@ -114,7 +114,7 @@ def evaluate(ckpt_path, routing, test_x, test_y, net, test_feats, args):
     stats = sample.RoutingStats()
     gen = torch.cat([train.generate(model, d, labels[i:i + 500], i, 0, args.sample_steps, 1.0, clip_x0=True,
                                     method="ddim", on_step=stats) for i in range(0, len(labels), 500)])
-    records = [json.loads(l) for l in open(Path(ckpt_path).parent / "metrics.jsonl")][-5:]
+    records = [json.loads(line) for line in open(Path(ckpt_path).parent / "metrics.jsonl")][-5:]
     out = dict(heldout_mse=sum(mse) / len(test_x), fd_fmnist=frechet(features(net, gen), test_feats),
                steps=ckpt["step"], routing=routing)
     if stats.sums:
