@@ -393,6 +393,26 @@ def test_samplers_are_deterministic_and_batch_independent(method):
     torch.testing.assert_close(c, a[1:2], rtol=1e-4, atol=1e-5)
 
 
+class GaussianOracle(torch.nn.Module):
+    """The exact epsilon predictor for data x0 ~ N(0, s^2): E[eps | x_t] = sqrt(1-ab) x_t / (ab s^2 + 1 - ab)."""
+
+    def __init__(self, s, diffusion):
+        super().__init__()
+        self.s, self.ab = s, torch.tensor(diffusion.alphas_cumprod, dtype=torch.float32)
+
+    def forward(self, x, t, y, return_aux=False):
+        ab = self.ab[t].view(-1, 1, 1, 1)
+        return (1 - ab).sqrt() * x / (ab * self.s ** 2 + 1 - ab), []
+
+
+@pytest.mark.parametrize("method,steps", [("ddpm", 1000), ("ddim", 250)])
+def test_samplers_with_the_exact_denoiser_reproduce_gaussian_data(method, steps):
+    torch.manual_seed(0)
+    d = R.Diffusion()
+    x = d.sample(GaussianOracle(0.5, d), torch.zeros(64, dtype=torch.long), (1, 16, 16), steps=steps, method=method)
+    assert x.std().item() == pytest.approx(0.5, rel=0.02) and abs(x.mean().item()) < 0.01
+
+
 def test_respacing_keeps_endpoints_and_full_schedule():
     d = R.Diffusion()
     ts, ab, _, betas = d.respaced(1000)
