@@ -176,7 +176,8 @@ def run(args, grid_max=256):
             last = min(s + args.batch_size, len(labels)) - 1
             print(f"batch {b + 1}/{len(mine)} (process 0 of {world}): samples {s}..{last} of {len(labels)}", flush=True)
     if world > 1:
-        dist.barrier()
+        dist.barrier()                                                    # every part is on disk
+        dist.destroy_process_group()
     if rank != 0:
         return
     if parts is not None:
