@@ -628,6 +628,19 @@ def test_same_seed_same_images_for_batch_size_1_and_8(ckpt, tmp_path):
     assert not np.array_equal(np.load(tmp_path / "c.npz")["arr_0"], a)
 
 
+def test_torchrun_splits_npz_generation_into_the_same_file(ckpt, tmp_path):
+    run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "one.npz"), "--out", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29732",
+           "sample.py", "--ckpt", ckpt, "--steps", "4", "--cfg-scale", "2", "--num-samples", "8", "--batch-size", "2",
+           "--npz", str(tmp_path / "two.npz"), "--out", ""]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "batch 2/2 (process 0 of 2): samples 4..5 of 8" in res.stdout  # rank 0 took batches 0 and 2
+    one, two = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
+    assert two.shape == one.shape and np.abs(one.astype(int) - two).max() <= 1
+
+
 def test_interrupted_npz_generation_resumes_to_the_same_file(ckpt, tmp_path, monkeypatch):
     run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "full.npz"), "--out", "")
     calls, real = [], sample.generate
