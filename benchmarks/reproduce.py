@@ -136,8 +136,10 @@ def loss_chart(curves, path, size=(760, 440), pad=55):
     d.rectangle([pad, pad, pad + W, pad + H], outline="black")
     for v in np.linspace(lo, hi, 5):
         d.text((4, xy(0, v)[1] - 7), f"{v:.3f}", fill="black", font=font)
+    for s in np.linspace(0, steps, 5).astype(int):
+        d.text((xy(s, lo)[0] - 10, pad + H + 6), str(s), fill="black", font=font)
     d.text((pad + W // 2 - 20, size[1] - 25), "step", fill="black", font=font)
-    d.text((pad, 20), "training epsilon-MSE (mean over each log interval)", fill="black", font=font)
+    d.text((pad, 20), "training epsilon-MSE (mean over each log interval; top clipped)", fill="black", font=font)
     colours = [(0, 0, 0), (220, 50, 50), (50, 120, 220), (30, 160, 60), (230, 140, 0), (150, 60, 200), (0, 170, 170)]
     for (name, c), colour in zip(curves.items(), colours):
         d.line([xy(s, v) for s, v in c], fill=colour, width=2)
