@@ -90,7 +90,7 @@ def center_crop(img, size):
 
 def make_shapes(n=10_000, size=32, seed=0):
     """Built-in data: 10 classes, each a fixed shape in a fixed colour (disc, square, ring, diamond,
-    cross, triangle, two discs, horizontal stripes, vertical stripes, checkerboard) with random
+    cross, triangle, two discs, and square patches of horizontal stripes, vertical stripes or checks) with random
     position, size and brightness on a noisy dark background. Deterministic by seed."""
     rng = np.random.default_rng(seed)
     y = rng.permutation(np.arange(n) % 10)
@@ -102,7 +102,9 @@ def make_shapes(n=10_000, size=32, seed=0):
              (np.minimum(abs(dx), abs(dy)) < r / 3) & (np.maximum(abs(dx), abs(dy)) < r),
              (dy < r * 0.8) & (abs(dx) < (dy + r) * 0.6),
              (np.hypot(dx - r * 0.7, dy) < r * 0.45) | (np.hypot(dx + r * 0.7, dy) < r * 0.45),
-             np.sin(dy * 40 + ph) > 0, np.sin(dx * 40 + ph) > 0, (np.sin(dx * 30 + ph) > 0) ^ (np.sin(dy * 30) > 0)]
+             *[(np.maximum(abs(dx), abs(dy)) < r) & p for p in (                # textures on a square patch
+                 np.sin(dy * 40 + ph) > 0, np.sin(dx * 40 + ph) > 0,
+                 (np.sin(dx * 30 + ph) > 0) ^ (np.sin(dy * 30) > 0))]]
     mask = np.choose(y[:, None, None], masks)                              # (n, S, S) picks each class's
     colours = np.array([[230, 40, 40], [40, 200, 60], [60, 90, 240], [240, 220, 40], [240, 240, 240],
                         [240, 130, 20], [170, 60, 220], [40, 220, 220], [230, 60, 170], [150, 110, 60]])
