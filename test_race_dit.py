@@ -521,7 +521,7 @@ def test_bad_inputs_give_one_clear_error_and_keep_the_checkpoint(tmp_path, capsy
 
 
 def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train.py", *FAST, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parent)
@@ -630,7 +630,7 @@ def test_same_seed_same_images_for_batch_size_1_and_8(ckpt, tmp_path):
 
 def test_torchrun_splits_npz_generation_into_the_same_file(ckpt, tmp_path):
     run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "one.npz"), "--out", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29732",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "sample.py", "--ckpt", ckpt, "--steps", "4", "--cfg-scale", "2", "--num-samples", "8", "--batch-size", "2",
            "--npz", str(tmp_path / "two.npz"), "--out", ""]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent,
