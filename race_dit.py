@@ -187,7 +187,7 @@ class Mlp(nn.Module):
 def grouped_matmul(x, w, ends, grouped=None):
     """Rows of x (P, Din) are grouped by expert (group e ends at row ends[e]); returns group e @ w[e]
     for every group, (P, Dout). On CUDA in bf16 one grouped GEMM runs with no host synchronisation;
-    elsewhere a loop over experts (torch.grouped_mm has no float64 and is slower on CPU)."""
+    elsewhere a loop over experts (F.grouped_mm has no float64 and is slower on CPU)."""
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if grouped if grouped is not None else (dev == "cuda" and dtype == torch.bfloat16):

@@ -44,6 +44,10 @@ class UserError(Exception):
     """Bad input: reported as one line and exit status 2, before anything is written."""
 
 
+class Diverged(Exception):
+    """NaN or Inf loss: reported as one line and exit status 3; the last checkpoint is kept."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data. Every source is a Dataset of (uint8 image (C, H, W) or float latent moments, label);
 # `to_model_input` turns a batch into x0 on the device (flips and posterior sampling use torch's RNG,
@@ -521,10 +525,6 @@ def train(args):
     log(f"done: {ckpt_path}")
     if world > 1:
         dist.destroy_process_group()
-
-
-class Diverged(Exception):
-    """NaN or Inf loss: reported as one line and exit status 3; the last checkpoint is kept."""
 
 
 def main(argv=None):
