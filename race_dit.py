@@ -3,8 +3,8 @@ Race-DiT: a Diffusion Transformer whose MLPs are Mixture-of-Experts layers route
 
 Paper: Yuan et al., "Expert Race: A Flexible Routing Strategy for Scaling Diffusion Transformer with
 Mixture of Experts", arXiv 2503.16057 (ICML 2025). Backbone: Peebles & Xie, "Scalable Diffusion Models
-with Transformers" (DiT), arXiv 2212.09748. Section numbers below (S1..S7) refer to the project's digest
-of the paper, ../shared/paper-notes.md, which also lists the details the paper leaves open.
+with Transformers" (DiT), arXiv 2212.09748. S1..S7 below are the sections of PAPER.md, this repository's
+one-page digest of the paper, which also lists the details the paper leaves open and the choices made.
 
 Read top to bottom: configuration, DiT building blocks, the MoE layer (routing, dispatch, threshold),
 the model, the auxiliary losses and routing statistics, the Gaussian diffusion.
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 # name -> (depth, hidden size, heads); S from DiT, B/M/L/XL from the paper's Table 4 (S1);
 # XS is ours, for CPU runs and tests.
-SIZES = {"XS": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 960, 16), "L": (24, 1024, 16),
-         "XL": (28, 1152, 16)}
-ROUTERS = ("race", "token", "expert", "dense")
+SIZES = {"XS": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 960, 16),
+         "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+ROUTINGS = ("race", "token", "expert", "dense")
 GATINGS = ("identity", "softmax", "sigmoid")
 
 
@@ -41,29 +41,30 @@ class Config:
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False     # True doubles the output channels (DiT's learned variance)
-    router: str = "race"          # race | token | expert | dense
+    routing: str = "race"         # race | token | expert | dense (S3)
     num_experts: int = 8          # E
     top_k: int = 2                # k: experts per token on average
     split: int = 0                # hidden split: expert width = mlp_ratio * D / split; 0 means split = k
     gating: str = "identity"      # identity | softmax | sigmoid (S3, Table 1)
-    threshold_decay: float = 0.99 # EMA decay of the inference threshold (S4, chosen)
+    threshold_decay: float = 0.99  # EMA decay of the inference threshold (S4, chosen)
 
     def __post_init__(self):
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
-        need(self.router in ROUTERS, f"unknown router {self.router!r}; choose from {ROUTERS}")
+        need(self.routing in ROUTINGS, f"unknown routing {self.routing!r}; choose from {ROUTINGS}")
         need(self.gating in GATINGS, f"unknown gating {self.gating!r}; choose from {GATINGS}")
         need(self.input_size % self.patch_size == 0,
              f"image size {self.input_size} is not divisible by the patch size {self.patch_size}")
-        need(self.hidden_size % self.num_heads == 0, "hidden size must be divisible by the number of heads")
-        if self.router != "dense":
+        need(self.hidden_size % self.num_heads == 0, "hidden size must be divisible by the heads")
+        if self.routing != "dense":
             E, k = self.num_experts, self.top_k
             need(1 <= k <= E, f"top-k must be between 1 and the number of experts: got k={k}, E={E}")
             self.split = self.split or k
-            need(self.mlp_hidden * self.split == int(self.mlp_ratio * self.hidden_size),
-                 f"MLP width {int(self.mlp_ratio * self.hidden_size)} is not divisible by split {self.split}")
-            need(self.router != "expert" or self.capacity >= 1,
+            width = int(self.mlp_ratio * self.hidden_size)
+            need(self.mlp_hidden * self.split == width,
+                 f"MLP width {width} is not divisible by split {self.split}")
+            need(self.routing != "expert" or self.capacity >= 1,
                  f"expert-choice capacity k*L/E = {k}*{self.num_tokens}/{E} is below 1")
 
     @property
@@ -76,7 +77,7 @@ class Config:
 
     @property
     def mlp_hidden(self):  # width of one expert (or of the dense MLP)
-        return int(self.mlp_ratio * self.hidden_size) // (1 if self.router == "dense" else self.split)
+        return int(self.mlp_ratio * self.hidden_size) // (1 if self.routing == "dense" else self.split)
 
     @property
     def capacity(self):  # tokens per expert per image under expert-choice (S3, Fig. 3)
@@ -84,14 +85,16 @@ class Config:
 
 
 def make_config(name="S/2", experts=None, **kw):
-    """`make_config("XL/2", "4in32")` -> Config. `experts=None` (or router="dense") gives a dense DiT."""
+    """`make_config("XL/2", "4in32")` -> Config. `experts=None` (or routing="dense") gives a dense DiT."""
     m = re.fullmatch(r"(?:DiT-)?(XS|S|B|M|L|XL)/(\d+)", name)
     if not m:
         raise ValueError(f"unknown model {name!r}; expected e.g. S/2, B/4, XL/2 (sizes {', '.join(SIZES)})")
+    if int(m.group(2)) < 1:
+        raise ValueError(f"the patch size must be at least 1, got {name!r}")
     depth, hidden, heads = SIZES[m.group(1)]
     kw = {**dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(m.group(2))), **kw}
     if experts is None:
-        kw.setdefault("router", "dense")
+        kw.setdefault("routing", "dense")
     else:
         e = re.fullmatch(r"(\d+)in(\d+)", experts)
         if not e:
@@ -135,9 +138,9 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):  # (B,) -> (B, D); [cos, sin] order as in DiT
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        ang = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1))
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)   # (half,)
+        ang = t.float()[:, None] * freqs[None]                                             # (B, half)
+        return self.mlp(torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 def drop_labels(y, p, num_classes):
@@ -167,7 +170,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, d)
+        qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, heads, L, D/heads)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
@@ -175,7 +179,9 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, d, hidden):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, d)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -184,13 +190,22 @@ class Mlp(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # The MoE layer (S2-S4)
 
+def use_grouped_mm(device, dtype, capability=None):
+    """Whether F.grouped_mm runs its one-kernel, synchronisation-free path: CUDA compute capability 9.x or
+    10.x (Hopper, Blackwell) in bf16. Elsewhere it falls back to a loop that copies the group offsets to
+    the host, no better than the loop below."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    major, _ = capability or torch.cuda.get_device_capability(device)
+    return major in (9, 10)
+
+
 def grouped_matmul(x, w, ends, grouped=None):
     """Rows of x (P, Din) are grouped by expert (group e ends at row ends[e]); returns group e @ w[e]
-    for every group, (P, Dout). On CUDA in bf16 one grouped GEMM runs with no host synchronisation;
-    elsewhere a loop over experts (F.grouped_mm has no float64 and is slower on CPU)."""
+    for every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a loop over experts."""
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    if grouped if grouped is not None else (dev == "cuda" and dtype == torch.bfloat16):
+    if use_grouped_mm(x.device, dtype) if grouped is None else grouped:
         return F.grouped_mm(x.to(dtype), w.to(dtype), offs=ends.to(torch.int32))
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # the one host sync of this path
     return torch.cat([xe @ we for xe, we in zip(x.split(counts), w)])
@@ -200,27 +215,28 @@ class MoE(nn.Module):
     """Router, E bias-free experts held as stacked weights, and the PLR target head (S2, S5).
 
     forward(x (B, L, D)) -> (out (B, L, D), info) where info holds what the losses and statistics need:
-    logits (B, L, E), mask (B, L, E) of selected pairs, cutoff (race top-K), plr (B, L, p*p*C) in training
-    (the model turns it into image layout (B, C, H, W)).
+    logits (B, L, E), mask (B, L, E) of selected pairs, cutoff (race top-K), and in training plr
+    (B, L, p*p*C), which the model turns into image layout (B, C, H, W).
     """
 
     def __init__(self, cfg: Config):
         super().__init__()
         D, E, H = cfg.hidden_size, cfg.num_experts, cfg.mlp_hidden
-        self.strategy, self.gating, self.k, self.E = cfg.router, cfg.gating, cfg.top_k, E
+        self.routing, self.gating = cfg.routing, cfg.gating
+        self.k, self.E = cfg.top_k, E
         self.capacity, self.decay = cfg.capacity, cfg.threshold_decay
         self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))  # h = GELU(Linear(x))
         self.gate = nn.Linear(D, E)                                                 # scores s = gate(h)
         # S5 per-layer regularization: predict the diffusion target (epsilon, patchified) from h. The
         # notes write p*p*C_out; a learned-sigma model has no target for its variance channels, so C.
-        self.target_head = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
+        self.plr_head = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
         bound = math.sqrt(6 / (D + H))  # xavier-uniform per expert, like the dense MLP's fc1/fc2
         self.w1 = nn.Parameter(torch.empty(E, D, H).uniform_(-bound, bound))
         self.w2 = nn.Parameter(torch.empty(E, H, D).uniform_(-bound, bound))
         # S4 inference threshold: EMA of the race cutoff, updated by every training step.
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
-        self.use_threshold = True  # eval-mode race routes by score >= threshold; False forces batch top-K
+        self.use_threshold = True  # eval-mode race: score >= threshold; False forces batch top-K
 
     def gate_fn(self, logits):  # S3 / Table 1: the gating function turns logits into scores/weights
         if self.gating == "softmax":
@@ -232,7 +248,7 @@ class MoE(nn.Module):
         index e*N + n, so sorting groups the pairs by expert. Returns (pairs, race cutoff or None)."""
         N, E, k = B * L, self.E, self.k
         st = scores.t()                                                   # (E, N)
-        if self.strategy == "race":
+        if self.routing == "race":
             if self.training or not self.use_threshold:
                 # Expert Race (S3): one top-K over all B*L*E scores; K = B*L*k exactly, ties included.
                 vals, idx = st.reshape(-1).topk(N * k, sorted=False)
@@ -240,7 +256,7 @@ class MoE(nn.Module):
             # S4: per-pair threshold, so a token's experts do not depend on its batch (host sync: the
             # number of pairs is data dependent; inference only).
             return (st.reshape(-1) >= self.threshold).nonzero().squeeze(1), None
-        if self.strategy == "token":                                      # top-k experts per token
+        if self.routing == "token":                                      # top-k experts per token
             e = scores.topk(k, dim=1).indices                             # (N, k)
             idx = e * N + torch.arange(N, device=scores.device)[:, None]
         else:                                                             # expert-choice, per image
@@ -263,11 +279,11 @@ class MoE(nn.Module):
         # Dispatch: only the P selected pairs are computed; an expert may get any load, zero included.
         hid = F.gelu(grouped_matmul(xf[token], self.w1, ends), approximate="tanh")     # (P, H)
         out = grouped_matmul(hid, self.w2, ends) * scores[token, expert].unsqueeze(1)  # (P, D)
-        y = torch.zeros(N, D, device=x.device, dtype=out.dtype).index_add_(0, token, out)  # sum per token
+        y = torch.zeros(N, D, device=x.device, dtype=out.dtype).index_add_(0, token, out)  # (N, D)
         mask = torch.zeros(E * N, dtype=torch.bool, device=x.device).index_fill_(0, pairs, True)
         info = dict(logits=logits.view(B, L, E), mask=mask.view(E, B, L).permute(1, 2, 0), cutoff=cutoff)
         if self.training:
-            info["plr"] = self.target_head(h).view(B, L, -1)
+            info["plr"] = self.plr_head(h).view(B, L, -1)
             if cutoff is not None:
                 self.update_threshold(cutoff.detach().float())
         return y.view(B, L, D), info
@@ -290,7 +306,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(D, cfg.num_heads)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(D, cfg.mlp_hidden) if cfg.router == "dense" else MoE(cfg)
+        self.mlp = Mlp(D, cfg.mlp_hidden) if cfg.routing == "dense" else MoE(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(self, x, c):  # x (B, L, D), c (B, D) -> (x, MoE info or None)
@@ -321,7 +337,7 @@ def unpatchify(x, p, c):
 
 
 class RaceDiT(nn.Module):
-    """DiT (S1) whose block MLPs are MoE layers unless cfg.router == "dense".
+    """DiT (S1) whose block MLPs are MoE layers unless cfg.routing == "dense".
 
     model(x (B, C, H, W), t (B,), y (B,)) -> prediction (B, C_out, H, W);
     with return_aux=True also the list of per-layer MoE infos (empty for a dense model)."""
@@ -352,8 +368,8 @@ class RaceDiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity and the model outputs zero.
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                      self.final_layer.linear]:
+        zero = [b.adaLN_modulation[-1] for b in self.blocks]
+        for layer in zero + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -398,19 +414,19 @@ def count_params(model, blocks_only=False):
     Activated counts one token's average use: the router and k experts, not E (S2, Table 4)."""
     total = activated = 0
     for name, p in (model.blocks if blocks_only else model).named_parameters():
-        if "target_head" in name:
+        if "plr_head" in name:
             continue
         total += p.numel()
-        activated += p.numel() * model.cfg.top_k // model.cfg.num_experts if name.endswith((".w1", ".w2")) \
-            else p.numel()
+        expert = name.endswith((".w1", ".w2"))
+        activated += p.numel() * model.cfg.top_k // model.cfg.num_experts if expert else p.numel()
     return total, activated
 
 
 # ----------------------------------------------------------------------------------------------------
 # Auxiliary losses (S5, S6) and routing statistics. Each takes the per-layer infos the model returns.
 
-def router_similarity_loss(logits, mask):
-    """S6: L_sim = (1/N) sum_ij W_ij (P^T P)_ij, P = softmax(logits) (N, E), W from the selection counts
+def rsl_loss(logits, mask):
+    """S6: L_RSL = (1/N) sum_ij W_ij (P^T P)_ij, P = softmax(logits) (N, E), W from the selection counts
     M^T M (no gradient): the diagonal balances each expert's load, the off-diagonal each pair's."""
     E = logits.shape[-1]
     P = logits.reshape(-1, E).float().softmax(-1)                         # (N, E)
@@ -418,7 +434,8 @@ def router_similarity_loss(logits, mask):
     Mp = M.t() @ M                                                        # (E, E) load / co-selection
     eye = torch.eye(E, dtype=torch.bool, device=M.device)
     diag, off = Mp.diagonal().sum(), Mp.masked_fill(eye, 0).sum()
-    W = torch.where(eye, E * Mp / diag.clamp(min=1), (E * E - E) * Mp / off.clamp(min=1))  # k=1: no pairs
+    # clamp: with k = 1 there are no pairs and `off` is 0
+    W = torch.where(eye, E * Mp / diag.clamp(min=1), (E * E - E) * Mp / off.clamp(min=1))
     return (W * (P.t() @ P)).sum() / P.shape[0]
 
 
@@ -435,11 +452,17 @@ def moe_losses(aux, target):
     """Means over MoE layers: plr (S5; needs training-mode infos), rsl (S6), balance. target: the
     diffusion target (B, C, H, W)."""
     n = len(aux)
-    out = dict(rsl=sum(router_similarity_loss(a["logits"], a["mask"]) for a in aux) / n,
+    out = dict(rsl=sum(rsl_loss(a["logits"], a["mask"]) for a in aux) / n,
                balance=sum(balance_loss(a["logits"], a["mask"]) for a in aux) / n)
     if "plr" in aux[0]:
         out["plr"] = sum(F.mse_loss(a["plr"].float(), target) for a in aux) / n
     return out
+
+
+def experts_per_image(aux):
+    """Mean experts per token of each image in each MoE layer, (layers, B): the quantity of the paper's
+    Fig. 6. Training logs bin it by timestep; sample.py averages it at every sampling step."""
+    return torch.stack([a["mask"].float().sum(-1).mean(-1) for a in aux])
 
 
 @torch.no_grad()
@@ -450,20 +473,21 @@ def routing_stats(aux, t=None, num_timesteps=1000, bins=10):
     for a in aux:
         M = a["mask"].reshape(-1, a["mask"].shape[-1]).float()            # (N, E)
         E = M.shape[1]
-        load = M.sum(0)
+        load = M.sum(0)                                                   # (E,)
         pair = (M.t() @ M)[torch.triu_indices(E, E, 1).unbind()]          # (E(E-1)/2,) co-selections
         cover = (pair.sort(descending=True).values.cumsum(0) < 0.95 * pair.sum()).sum() + 1
+        usage = 100 * cover.item() / len(pair) if pair.sum() > 0 else 0.0
         layers.append(dict(load=load.tolist(), max_vio=((load.max() - load.mean()) / load.mean()).item(),
-                           comb_usage=(100 * cover / max(len(pair), 1)).item() if pair.sum() > 0 else 0.0,
-                           experts_per_token=M.sum(1).mean().item()))
+                           comb_usage=usage, experts_per_token=M.sum(1).mean().item()))
     mean = lambda key: sum(layer[key] for layer in layers) / len(layers)
     stats = dict(max_vio=mean("max_vio"), comb_usage=mean("comb_usage"),
                  experts_per_token=mean("experts_per_token"), layers=layers)
-    if t is not None:  # per image: experts per token averaged over layers and tokens, then by t bin
-        per_image = torch.stack([a["mask"].float().sum(-1).mean(-1) for a in aux]).mean(0)  # (B,)
-        b = (t * bins // num_timesteps).clamp(max=bins - 1)
+    if t is not None:
+        per_image = experts_per_image(aux).mean(0)                        # (B,)
+        b = (t * bins // num_timesteps).clamp(max=bins - 1)               # (B,) timestep bin
+        width = num_timesteps // bins
         stats["experts_per_token_by_t"] = {
-            f"{i * num_timesteps // bins}-{(i + 1) * num_timesteps // bins - 1}": per_image[b == i].mean().item()
+            f"{i * width}-{(i + 1) * width - 1}": per_image[b == i].mean().item()
             for i in range(bins) if (b == i).any()}
     return stats
 
@@ -473,7 +497,7 @@ def calibrate_thresholds(model, diffusion, batches):
     """S4 (chosen): re-estimate every race layer's inference threshold as the mean batch top-K cutoff
     over training-like batches (x0, y): random t, noise and label dropout. Use it on EMA copies, whose
     router logits differ from the online model's. Restores the model's mode and routing."""
-    layers = [m for m in model.moe_layers() if m.strategy == "race"]
+    layers = [m for m in model.moe_layers() if m.routing == "race"]
     if not layers:
         return
     was_training, was_threshold = model.training, layers[0].use_threshold
@@ -495,85 +519,145 @@ def calibrate_thresholds(model, diffusion, batches):
 # ----------------------------------------------------------------------------------------------------
 # Gaussian diffusion (S7, chosen: DDPM, linear betas 1e-4..0.02, 1000 steps, epsilon prediction)
 
+def schedule(ab):
+    """Per-step quantities of a (possibly respaced) schedule from its alphas_cumprod (T,), float64."""
+    ab_prev = np.append(1.0, ab[:-1])
+    betas = 1 - ab / ab_prev
+    post_var = betas * (1 - ab_prev) / (1 - ab)                           # variance of q(x_{t-1} | x_t, x0)
+    # It is 0 at t = 0: DiT (IDDPM) clips its log to the value at t = 1.
+    post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(ab) > 1 else np.log(betas)
+    return dict(ab=ab, ab_prev=ab_prev, betas=betas, post_logvar=post_logvar)
+
+
+def posterior_mean(x0, xt, ab, ab_prev, beta):
+    """Mean of q(x_{t-1} | x_t, x0); the schedule terms are floats or tensors broadcast against x."""
+    return (beta * ab_prev ** 0.5 * x0 + (1 - ab_prev) * (1 - beta) ** 0.5 * xt) / (1 - ab)
+
+
+def learned_logvar(v, log_beta, post_logvar):
+    """DiT's learned variance (IDDPM): v in [-1, 1] interpolates log beta and the posterior's log variance."""
+    frac = (v + 1) / 2
+    return frac * log_beta + (1 - frac) * post_logvar
+
+
+def discretized_log_likelihood(x, mean, log_scale):
+    """log p(x) of 8-bit data in [-1, 1] under a Gaussian discretized to bins of width 2/255, with the
+    tanh approximation of the normal CDF and open-ended first and last bins (IDDPM's decoder)."""
+    cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    inv = torch.exp(-log_scale)
+    upper, lower = cdf(inv * (x - mean + 1 / 255)), cdf(inv * (x - mean - 1 / 255))
+    log = lambda p: p.clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log(upper), torch.where(x > 0.999, log(1 - lower), log(upper - lower)))
+
+
 class Diffusion:
     def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
         self.num_timesteps = num_timesteps
-        self.betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
-        self.alphas_cumprod = np.cumprod(1 - self.betas)
+        betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)  # DiT's linear schedule
+        self.alphas_cumprod = np.cumprod(1 - betas)
+        self.tables = schedule(self.alphas_cumprod)
+        self.on_device = {}  # (name, device) -> float64 tensor: the schedule moves to a device once
 
-    def _at(self, arr, t, x):  # gather a float64 schedule at t (B,) -> (B, 1, 1, 1) in x's dtype
-        return torch.as_tensor(arr, device=x.device)[t].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+    def _at(self, name, t, x):  # schedule table `name` at t (B,) -> (B, 1, 1, 1) in x's dtype
+        key = (name, x.device)
+        if key not in self.on_device:
+            self.on_device[key] = torch.from_numpy(self.tables[name]).to(x.device)
+        return self.on_device[key][t].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
 
     def q_sample(self, x0, t, noise):
-        return self._at(np.sqrt(self.alphas_cumprod), t, x0) * x0 + \
-            self._at(np.sqrt(1 - self.alphas_cumprod), t, x0) * noise
+        ab = self._at("ab", t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-    def training_losses(self, model, x0, y, plr_weight=0.1, sim_weight=0.01, balance_weight=0.0,
+    def training_losses(self, model, x0, y, plr_weight=0.1, rsl_weight=0.01, balance_weight=0.0,
                         t=None, noise=None):
-        """Returns (losses, aux): losses has 'loss' (the total to minimise) and each term unweighted
-        ('mse' and, for MoE models, 'plr', 'rsl', 'balance'); aux is the model's per-layer MoE infos."""
+        """Returns (losses, aux): losses has 'loss' (the total to minimise) and each term unweighted:
+        'mse', for learned-variance models 'vb', for MoE models 'plr', 'rsl', 'balance'; aux is the
+        model's per-layer MoE infos."""
         B, C = x0.shape[:2]
         t = torch.randint(0, self.num_timesteps, (B,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
-        out, aux = model(self.q_sample(x0, t, noise), t, y, return_aux=True)
-        losses = dict(mse=F.mse_loss(out[:, :C].float(), noise))
+        xt = self.q_sample(x0, t, noise)
+        out, aux = model(xt, t, y, return_aux=True)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))      # bf16 autocast: losses in fp32
+        losses = dict(mse=F.mse_loss(out[:, :C], noise))
         loss = losses["mse"]
+        if out.shape[1] == 2 * C:  # DiT's hybrid loss: the bound trains the variance, not the mean
+            losses["vb"] = self.vb(out[:, :C].detach(), out[:, C:], x0.to(out.dtype), xt.to(out.dtype), t)
+            loss = loss + losses["vb"]
         if aux:
             losses.update(moe_losses(aux, noise))
-            loss = loss + sim_weight * losses["rsl"] + balance_weight * losses["balance"]
+            loss = loss + rsl_weight * losses["rsl"] + balance_weight * losses["balance"]
             loss = loss + plr_weight * losses["plr"] if "plr" in losses else loss
         losses["loss"] = loss
         return losses, aux
 
+    def vb(self, eps, v, x0, xt, t):
+        """The variational bound's term for each sample in bits per dimension, averaged (DiT, IDDPM):
+        KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0 at t = 0."""
+        ab, ab_prev, beta = (self._at(n, t, xt) for n in ("ab", "ab_prev", "betas"))
+        true_logvar = self._at("post_logvar", t, xt)
+        x0_pred = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+        true_mean = posterior_mean(x0, xt, ab, ab_prev, beta)
+        mean = posterior_mean(x0_pred, xt, ab, ab_prev, beta)
+        logvar = learned_logvar(v, beta.log(), true_logvar)
+        kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp()
+                    + (true_mean - mean) ** 2 * (-logvar).exp())
+        nll = -discretized_log_likelihood(x0, mean, 0.5 * logvar)
+        per_sample = torch.where(t.view(-1, 1, 1, 1) == 0, nll, kl).flatten(1).mean(1) / math.log(2)
+        return per_sample.mean()
+
     def respaced(self, steps):
-        """Evenly spaced subset of the timesteps and the schedule restricted to it (DiT's respacing):
-        (timesteps, alphas_cumprod, alphas_cumprod_prev, betas), all of length `steps`."""
+        """DiT's respacing (space_timesteps with one section): a stride of (T-1)/(steps-1) accumulated in
+        floating point and rounded half to even. Returns (timesteps, schedule restricted to them)."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
-        ts = np.unique(np.linspace(0, self.num_timesteps - 1, steps).round().astype(np.int64))
-        ab = self.alphas_cumprod[ts]
-        ab_prev = np.append(1.0, ab[:-1])
-        return ts, ab, ab_prev, 1 - ab / ab_prev
+        stride = (self.num_timesteps - 1) / (steps - 1) if steps > 1 else 1
+        taken, pos = set(), 0.0
+        for _ in range(steps):
+            taken.add(round(pos))
+            pos += stride
+        ts = np.array(sorted(taken))
+        return ts, schedule(self.alphas_cumprod[ts])
 
     @torch.no_grad()
     def sample(self, model, y, shape, steps=250, method="ddpm", cfg_scale=1.0, generators=None,
                clip_x0=False, eta=0.0, on_step=None):
-        """Ancestral DDPM on respaced steps or DDIM (eta=0: deterministic). y (B,) labels, shape (C, H, W).
+        """Ancestral DDPM on respaced steps or DDIM (eta=0: deterministic). y (B,), shape (C, H, W).
         `generators`: one torch.Generator (CPU) per sample, so a sample does not depend on its batch.
         on_step(i, t, aux) is called after every model evaluation (routing statistics)."""
         if method not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {method!r}")
         dev, B, C = y.device, y.shape[0], shape[0]
+
         def randn():
             if generators is None:
                 return torch.randn(B, *shape, device=dev)
             return torch.stack([torch.randn(*shape, generator=g) for g in generators]).to(dev)
-        ts, ab, ab_prev, betas = self.respaced(steps)
-        post_var = betas * (1 - ab_prev) / (1 - ab)                        # posterior q(x_{t-1}|x_t, x0)
-        post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(ts) > 1 else np.log(betas)
+        ts, sched = self.respaced(steps)
         x = randn()
         for i in reversed(range(len(ts))):
+            ab, ab_prev, beta = (float(sched[n][i]) for n in ("ab", "ab_prev", "betas"))
             t = torch.full((B,), int(ts[i]), device=dev, dtype=torch.long)
-            out, aux = guided_forward(model, x, t, y, cfg_scale) if cfg_scale != 1 else \
-                model(x, t, y, return_aux=True)
+            if cfg_scale != 1:
+                out, aux = guided_forward(model, x, t, y, cfg_scale)
+            else:
+                out, aux = model(x, t, y, return_aux=True)
             if on_step is not None:
                 on_step(i, int(ts[i]), aux)
             out = out.float()
             eps = out[:, :C]
-            x0 = (x - math.sqrt(1 - ab[i]) * eps) / math.sqrt(ab[i])
+            x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
             if clip_x0:
                 x0 = x0.clamp(-1, 1)
-                eps = (x - math.sqrt(ab[i]) * x0) / math.sqrt(1 - ab[i])
+                eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
             if method == "ddim":
-                sigma = eta * math.sqrt((1 - ab_prev[i]) / (1 - ab[i]) * (1 - ab[i] / ab_prev[i]))
-                x = math.sqrt(ab_prev[i]) * x0 + math.sqrt(1 - ab_prev[i] - sigma ** 2) * eps
+                sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+                x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - sigma ** 2) * eps
                 x = x + sigma * randn() if sigma > 0 else x
                 continue
-            mean = (betas[i] * math.sqrt(ab_prev[i]) * x0 + (1 - ab_prev[i]) * math.sqrt(1 - betas[i]) * x) \
-                / (1 - ab[i])
-            logvar = torch.full_like(x, post_logvar[i])
-            if out.shape[1] == 2 * C:  # learned variance: interpolate between beta~ and beta (DiT, IDDPM)
-                frac = (out[:, C:] + 1) / 2
-                logvar = frac * math.log(betas[i]) + (1 - frac) * post_logvar[i]
-            x = mean + (torch.exp(0.5 * logvar) * randn() if i > 0 else 0)
+            logvar = torch.full_like(x, sched["post_logvar"][i])
+            if out.shape[1] == 2 * C:
+                logvar = learned_logvar(out[:, C:], math.log(beta), logvar)
+            noise = torch.exp(0.5 * logvar) * randn() if i > 0 else 0
+            x = posterior_mean(x0, x, ab, ab_prev, beta) + noise
         return x

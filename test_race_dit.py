@@ -8,28 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import race_dit as R
-
-
-def tiny(router="race", experts="2in8", **kw):
-    kw = {**dict(input_size=8, in_channels=3, depth=2, hidden_size=32, num_heads=4, num_classes=4), **kw}
-    return R.make_config("S/2", experts if router != "dense" else None, router=router, **kw)
-
-
-def randomize_zero_init(model, std=0.1, seed=0):
-    """Fresh models output 0 (adaLN-Zero); give the zero-initialised layers weights to test functions."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and (p == 0).all():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def batch(cfg, B=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    return x, torch.randint(0, 1000, (B,), generator=g), torch.randint(0, cfg.num_classes, (B,), generator=g)
-
+from conftest import batch, randomize_zero_init, tiny
 
 # ---------------------------------------------------------------------------------------------------
 # Configurations and parameter counts (S1, S2)
@@ -60,7 +39,8 @@ def test_activated_count_is_router_plus_k_experts():
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(experts="9in8"), "top-k"), (dict(input_size=31), "divisible"),
-                                    (dict(router="foo"), "unknown router"), (dict(gating="relu"), "gating")])
+                                    (dict(routing="foo"), "unknown routing"),
+                                    (dict(gating="relu"), "gating")])
 def test_bad_configurations_raise_clear_errors(kw, msg):
     kw = {**dict(experts="2in8"), **kw}
     with pytest.raises(ValueError, match=msg):
@@ -84,7 +64,7 @@ def reference_dit(sd, x, t, y, p, heads, depth):
     c = F.silu(temb + sd["y_embedder.embedding_table.weight"][y])
     ln = lambda v: F.layer_norm(v, (D,), eps=1e-6)
     for i in range(depth):
-        w = lambda n: (sd[f"blocks.{i}.{n}.weight"], sd[f"blocks.{i}.{n}.bias"])
+        w = lambda n, i=i: (sd[f"blocks.{i}.{n}.weight"], sd[f"blocks.{i}.{n}.bias"])
         mod = F.linear(c, *w("adaLN_modulation.1"))[:, None]
         sa, ca, ga, sm, cm, gm = mod.chunk(6, -1)
         a = ln(h) * (1 + ca) + sa
@@ -95,19 +75,22 @@ def reference_dit(sd, x, t, y, p, heads, depth):
         h = h + gm * F.linear(F.gelu(F.linear(m, *w("mlp.fc1")), approximate="tanh"), *w("mlp.fc2"))
     shift, scale = F.linear(c, sd["final_layer.adaLN_modulation.1.weight"],
                             sd["final_layer.adaLN_modulation.1.bias"])[:, None].chunk(2, -1)
-    out = F.linear(ln(h) * (1 + scale) + shift, sd["final_layer.linear.weight"], sd["final_layer.linear.bias"])
+    final = sd["final_layer.linear.weight"], sd["final_layer.linear.bias"]
+    out = F.linear(ln(h) * (1 + scale) + shift, *final)
     G, C = int(math.isqrt(out.shape[1])), out.shape[-1] // (p * p)
     return torch.einsum("nhwpqc->nchpwq", out.reshape(B, G, G, p, p, C)).reshape(B, C, G * p, G * p)
 
 
 def test_dense_config_loads_reference_dit_state_dict_and_computes_the_same_function():
     D, p, C, G, ncls = 32, 2, 4, 4, 10
-    shapes = {"pos_embed": (1, G * G, D), "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
+    shapes = {"pos_embed": (1, G * G, D),
+              "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
               "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
               "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
               "y_embedder.embedding_table.weight": (ncls + 1, D),
               "final_layer.linear.weight": (p * p * 2 * C, D), "final_layer.linear.bias": (p * p * 2 * C,),
-              "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,)}
+              "final_layer.adaLN_modulation.1.weight": (2 * D, D),
+              "final_layer.adaLN_modulation.1.bias": (2 * D,)}
     for i in range(2):
         shapes.update({f"blocks.{i}.attn.qkv.weight": (3 * D, D), f"blocks.{i}.attn.qkv.bias": (3 * D,),
                        f"blocks.{i}.attn.proj.weight": (D, D), f"blocks.{i}.attn.proj.bias": (D,),
@@ -118,12 +101,13 @@ def test_dense_config_loads_reference_dit_state_dict_and_computes_the_same_funct
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(s, generator=g) * 0.2 for k, s in shapes.items()}
     model = R.RaceDiT(R.Config(input_size=G * p, in_channels=C, patch_size=p, depth=2, hidden_size=D,
-                               num_heads=4, num_classes=ncls, learn_sigma=True, router="dense"))
+                               num_heads=4, num_classes=ncls, learn_sigma=True, routing="dense"))
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
     model.load_state_dict(sd)
     x, t, y = torch.randn(3, C, 8, 8, generator=g), torch.tensor([0, 500, 999]), torch.tensor([1, 10, 3])
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x, t, y), reference_dit(sd, x, t, y, p, 4, 2), atol=1e-5, rtol=1e-5)
+        want = reference_dit(sd, x, t, y, p, 4, 2)
+        torch.testing.assert_close(model.eval()(x, t, y), want, atol=1e-5, rtol=1e-5)
 
 
 def test_pos_embed_layout_is_dits():
@@ -132,14 +116,15 @@ def test_pos_embed_layout_is_dits():
     omega = 1 / 10000 ** (np.arange(D // 4) / (D // 4))
     for r in range(G):
         for c in range(G):
-            want = np.concatenate([np.sin(c * omega), np.cos(c * omega), np.sin(r * omega), np.cos(r * omega)])
+            want = np.concatenate([np.sin(c * omega), np.cos(c * omega),
+                                   np.sin(r * omega), np.cos(r * omega)])
             np.testing.assert_allclose(emb[r * G + c].numpy(), want, atol=1e-6)
 
 
-@pytest.mark.parametrize("router", R.ROUTERS)
+@pytest.mark.parametrize("routing", R.ROUTINGS)
 @pytest.mark.parametrize("learn_sigma", [False, True])
-def test_fresh_model_outputs_zeros(router, learn_sigma):
-    cfg = tiny(router, learn_sigma=learn_sigma)
+def test_fresh_model_outputs_zeros(routing, learn_sigma):
+    cfg = tiny(routing, learn_sigma=learn_sigma)
     out = R.RaceDiT(cfg)(*batch(cfg))
     assert out.shape == (4, cfg.out_channels, 8, 8) and (out == 0).all()
 
@@ -147,10 +132,10 @@ def test_fresh_model_outputs_zeros(router, learn_sigma):
 # ---------------------------------------------------------------------------------------------------
 # Routing (S3): exact counts, ties, and the dispatch against a naive reference
 
-def route(router, experts="2in8", B=4, L=16, gating="identity", train=True, seed=0):
-    cfg = tiny(router, experts, gating=gating)
+def route(routing, experts="2in8", B=4, L=16, gating="identity", training=True, seed=0):
+    cfg = tiny(routing, experts, gating=gating)
     torch.manual_seed(seed)
-    layer = R.MoE(cfg).train(train)
+    layer = R.MoE(cfg).train(training)
     x = torch.randn(B, L, cfg.hidden_size)
     return layer, x, layer(x)
 
@@ -192,17 +177,18 @@ def naive_moe(layer, x, mask):
     s = layer.gate_fn(layer.gate(layer.router(x)))                        # (B, L, E)
     y = torch.zeros_like(x)
     for e in range(layer.E):
-        y = y + (mask[..., e] * s[..., e]).unsqueeze(-1) * (F.gelu(x @ layer.w1[e], approximate="tanh") @ layer.w2[e])
+        expert = F.gelu(x @ layer.w1[e], approximate="tanh") @ layer.w2[e]
+        y = y + (mask[..., e] * s[..., e]).unsqueeze(-1) * expert
     return y
 
 
-@pytest.mark.parametrize("router", ["race", "token", "expert"])
+@pytest.mark.parametrize("routing", ["race", "token", "expert"])
 @pytest.mark.parametrize("gating", R.GATINGS)
-@pytest.mark.parametrize("train", [True, False])
-def test_dispatch_equals_naive_reference_forward_and_gradients(router, gating, train):
-    cfg = tiny(router, "2in8", gating=gating)
+@pytest.mark.parametrize("training", [True, False])
+def test_dispatch_equals_naive_reference_forward_and_gradients(routing, gating, training):
+    cfg = tiny(routing, "2in8", gating=gating)
     torch.manual_seed(1)
-    layer = R.MoE(cfg).double().train(train)
+    layer = R.MoE(cfg).double().train(training)
     layer.threshold.fill_(0.0 if gating == "identity" else 0.2)
     ref = copy.deepcopy(layer)
     x = torch.randn(3, 16, 32, dtype=torch.float64, requires_grad=True)
@@ -215,9 +201,18 @@ def test_dispatch_equals_naive_reference_forward_and_gradients(router, gating, t
     (want * g).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad)
     for (n, p), pr in zip(layer.named_parameters(), ref.parameters()):
-        if n.startswith("target_head"):
+        if n.startswith("plr_head"):
             continue                                                      # PLR head: not on the MoE output
         torch.testing.assert_close(p.grad, pr.grad, msg=n)
+
+
+def test_grouped_mm_only_where_it_has_its_fast_path():
+    cuda, cpu, bf16 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16
+    assert R.use_grouped_mm(cuda, bf16, capability=(9, 0))
+    assert R.use_grouped_mm(cuda, bf16, capability=(10, 0))
+    for device, dtype, cap in [(cuda, bf16, (8, 0)), (cuda, bf16, (12, 0)), (cuda, torch.float32, (9, 0)),
+                               (cpu, bf16, None), (cpu, torch.float32, None)]:
+        assert not R.use_grouped_mm(device, dtype, capability=cap), (device, dtype, cap)
 
 
 def test_grouped_gemm_path_equals_loop_path():
@@ -292,7 +287,7 @@ def test_threshold_activates_about_k_experts_and_calibration_restores_a_perturbe
     other = copy.deepcopy(model)
     with torch.no_grad():
         for m in other.moe_layers():
-            m.gate.bias += 0.5                                            # shifts every logit: stale thresholds
+            m.gate.bias += 0.5                                  # shifts every logit: stale thresholds
     assert abs(mean_experts_per_token(other, diffusion, x0, y, seed=5) - k) > 0.15 * k
     R.calibrate_thresholds(other, diffusion, [(x0.repeat(4, 1, 1, 1), y.repeat(4))] * 8)
     assert abs(mean_experts_per_token(other, diffusion, x0, y, seed=5) - k) < 0.15 * k
@@ -309,22 +304,22 @@ def test_rsl_is_one_for_uniform_routing_and_higher_for_collapsed_pairs():
     uniform = torch.zeros(N, E, dtype=torch.bool)
     for n in range(N):
         uniform[n, list(pairs[n % 6])] = True
-    assert R.router_similarity_loss(logits, uniform).item() == pytest.approx(1.0)
+    assert R.rsl_loss(logits, uniform).item() == pytest.approx(1.0)
     collapsed = torch.zeros(N, E, dtype=torch.bool)
     collapsed[: N // 2, [0, 1]] = True
     collapsed[N // 2:, [2, 3]] = True                                     # a 2-in-4 acting like 1-in-2
     peaked = torch.where(collapsed, 3.0, 0.0)                             # router that follows the collapse
-    assert R.router_similarity_loss(peaked, collapsed) > R.router_similarity_loss(peaked, uniform) + 0.1
+    assert R.rsl_loss(peaked, collapsed) > R.rsl_loss(peaked, uniform) + 0.1
     one = torch.zeros(N, E, dtype=torch.bool)
     one[torch.arange(N), torch.arange(N) % E] = True                      # k = 1: no pairs, no division by 0
-    assert R.router_similarity_loss(logits, one).item() == pytest.approx(1 / E)
+    assert R.rsl_loss(logits, one).item() == pytest.approx(1 / E)
 
 
 def test_rsl_gradient_reaches_only_the_router():
     layer = R.MoE(tiny("race", "2in8"))
     x = torch.randn(4, 16, 32, requires_grad=True)
     _, info = layer(x)
-    R.router_similarity_loss(info["logits"], info["mask"]).backward()
+    R.rsl_loss(info["logits"], info["mask"]).backward()
     for name, p in layer.named_parameters():
         touched = p.grad is not None and p.grad.abs().sum() > 0
         assert touched == name.startswith(("router", "gate")), name        # not the experts nor the PLR head
@@ -339,7 +334,7 @@ def test_plr_gradient_reaches_every_layers_router():
     assert aux[0]["plr"].shape == x.shape                                  # image layout, like the target
     R.moe_losses(aux, torch.randn_like(x))["plr"].backward()
     for m in model.moe_layers():
-        assert m.router[0].weight.grad.abs().sum() > 0 and m.target_head.weight.grad.abs().sum() > 0
+        assert m.router[0].weight.grad.abs().sum() > 0 and m.plr_head.weight.grad.abs().sum() > 0
 
 
 def test_loss_weights_zero_turn_terms_off():
@@ -347,9 +342,9 @@ def test_loss_weights_zero_turn_terms_off():
     model = R.RaceDiT(cfg)
     x, t, y = batch(cfg)
     noise = torch.randn_like(x)
-    losses, _ = R.Diffusion().training_losses(model, x, y, plr_weight=0, sim_weight=0, t=t, noise=noise)
+    losses, _ = R.Diffusion().training_losses(model, x, y, plr_weight=0, rsl_weight=0, t=t, noise=noise)
     assert losses["loss"] == losses["mse"] and losses["plr"] > 0 and losses["rsl"] > 0
-    full, _ = R.Diffusion().training_losses(model, x, y, plr_weight=0.1, sim_weight=0.01, t=t, noise=noise)
+    full, _ = R.Diffusion().training_losses(model, x, y, plr_weight=0.1, rsl_weight=0.01, t=t, noise=noise)
     torch.testing.assert_close(full["loss"], full["mse"] + 0.1 * full["plr"] + 0.01 * full["rsl"])
 
 
@@ -394,7 +389,8 @@ def test_samplers_are_deterministic_and_batch_independent(method):
 
 
 class GaussianOracle(torch.nn.Module):
-    """The exact epsilon predictor for data x0 ~ N(0, s^2): E[eps | x_t] = sqrt(1-ab) x_t / (ab s^2 + 1 - ab)."""
+    """The exact epsilon predictor for data x0 ~ N(0, s^2):
+    E[eps | x_t] = sqrt(1-ab) x_t / (ab s^2 + 1 - ab)."""
 
     def __init__(self, s, diffusion):
         super().__init__()
@@ -409,16 +405,93 @@ class GaussianOracle(torch.nn.Module):
 def test_samplers_with_the_exact_denoiser_reproduce_gaussian_data(method, steps):
     torch.manual_seed(0)
     d = R.Diffusion()
-    x = d.sample(GaussianOracle(0.5, d), torch.zeros(64, dtype=torch.long), (1, 16, 16), steps=steps, method=method)
+    y = torch.zeros(64, dtype=torch.long)
+    x = d.sample(GaussianOracle(0.5, d), y, (1, 16, 16), steps=steps, method=method)
     assert x.std().item() == pytest.approx(0.5, rel=0.02) and abs(x.mean().item()) < 0.01
 
 
-def test_respacing_keeps_endpoints_and_full_schedule():
+def dit_space_timesteps(num_timesteps, steps):
+    """DiT's space_timesteps(num_timesteps, [steps]) as written in its gaussian_diffusion code path."""
+    stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1
+    cur, taken = 0.0, []
+    for _ in range(steps):
+        taken.append(round(cur))
+        cur += stride
+    return sorted(set(taken))
+
+
+def test_respacing_equals_dits_for_every_step_count():
     d = R.Diffusion()
-    ts, ab, _, betas = d.respaced(1000)
-    np.testing.assert_allclose(betas, d.betas)
-    ts, _, _, _ = d.respaced(4)
-    assert list(ts) == [0, 333, 666, 999]
+    for steps in range(1, 1001):
+        ts, sched = d.respaced(steps)
+        assert list(ts) == dit_space_timesteps(1000, steps), steps
+    ts, sched = d.respaced(1000)
+    np.testing.assert_allclose(sched["betas"], np.linspace(1e-4, 0.02, 1000))
+    assert list(d.respaced(4)[0]) == [0, 333, 666, 999]
+
+
+def reference_vb(out, x0, xt, t, betas):
+    """IDDPM's variational-bound term, written from the paper's formulas in float64: KL between Gaussians
+    for t > 0 and the discretized-Gaussian decoder NLL at t = 0, in bits per dimension, mean over batch."""
+    C = x0.shape[1]
+    alphas = 1 - betas
+    ab = torch.cumprod(alphas, 0)
+    ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    post_log = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    g = lambda a: a[t].view(-1, 1, 1, 1)
+    eps, v = out[:, :C].detach(), out[:, C:]
+    x0_hat = torch.sqrt(1 / g(ab)) * xt - torch.sqrt(1 / g(ab) - 1) * eps
+    coef1 = g(betas) * torch.sqrt(g(ab_prev)) / (1 - g(ab))
+    coef2 = (1 - g(ab_prev)) * torch.sqrt(g(alphas)) / (1 - g(ab))
+    mu_q, mu_p = coef1 * x0 + coef2 * xt, coef1 * x0_hat + coef2 * xt
+    frac = (v + 1) / 2
+    log_p = frac * torch.log(g(betas)) + (1 - frac) * g(post_log)
+    kl = 0.5 * (-1.0 + log_p - g(post_log) + torch.exp(g(post_log) - log_p)
+                + (mu_q - mu_p) ** 2 * torch.exp(-log_p))
+    phi = lambda z: 0.5 * (1.0 + torch.tanh((2.0 / math.pi) ** 0.5 * (z + 0.044715 * z ** 3)))
+    sd = torch.exp(0.5 * log_p)
+    hi, lo = phi((x0 - mu_p + 1 / 255) / sd), phi((x0 - mu_p - 1 / 255) / sd)
+    logp = torch.where(x0 < -0.999, torch.log(hi.clamp(min=1e-12)),
+                       torch.where(x0 > 0.999, torch.log((1 - lo).clamp(min=1e-12)),
+                                   torch.log((hi - lo).clamp(min=1e-12))))
+    bits = torch.where(t.view(-1, 1, 1, 1) == 0, -logp, kl).mean(dim=(1, 2, 3)) / math.log(2.0)
+    return bits.mean()
+
+
+def test_learned_sigma_hybrid_loss_and_gradients_equal_the_reference():
+    cfg = tiny("race", "2in8", learn_sigma=True, class_dropout_prob=0.0)
+    model = randomize_zero_init(R.RaceDiT(cfg)).double()
+    x0, _, y = batch(cfg, 6, seed=3)
+    x0 = x0.double().clamp(-1, 1)
+    x0[0, 0, 0, :2] = torch.tensor([-1.0, 1.0])                            # the open-ended decoder bins
+    t, noise = torch.tensor([0, 0, 1, 10, 500, 999]), torch.randn_like(x0)
+    d = R.Diffusion()
+    losses, _ = d.training_losses(model, x0, y, plr_weight=0, rsl_weight=0, t=t, noise=noise)
+    assert losses["vb"] > 0
+    params = lambda m: [p for p in m.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(losses["loss"], params(model), allow_unused=True)
+    ref_model = copy.deepcopy(model)
+    xt = d.q_sample(x0, t, noise)
+    out = ref_model(xt, t, y)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ref = F.mse_loss(out[:, :3], noise) + reference_vb(out, x0, xt, t, betas)
+    torch.testing.assert_close(losses["loss"], ref)
+    ref_grads = torch.autograd.grad(ref, params(ref_model), allow_unused=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name, p, a, b in zip(names, params(model), grads, ref_grads):
+        zero = torch.zeros_like(p)                                        # the PLR head: 0 * plr, or unused
+        torch.testing.assert_close(zero if a is None else a, zero if b is None else b, msg=name)
+
+
+def test_vb_trains_only_the_variance_channels():
+    cfg = tiny("dense", learn_sigma=True)
+    model = randomize_zero_init(R.RaceDiT(cfg))
+    x0, t, y = batch(cfg)
+    losses, _ = R.Diffusion().training_losses(model, x0.clamp(-1, 1), y, t=t)
+    w = model.final_layer.linear.weight                                   # rows: (p, p, 2C) per token
+    per_channel = torch.autograd.grad(losses["vb"], w)[0].view(4, 6, -1).abs().sum((0, 2))   # (2C,)
+    assert (per_channel[:3] == 0).all() and (per_channel[3:] > 0).all()   # eps channels: no gradient
 
 
 def test_tiny_race_dit_overfits_a_handful_of_images():
@@ -431,281 +504,11 @@ def test_tiny_race_dit_overfits_a_handful_of_images():
     def held_loss(model):
         model.eval()
         with torch.no_grad():
-            return d.training_losses(model, x0.clamp(-1, 1).repeat(8, 1, 1, 1), y.repeat(8), t=t, noise=noise)[0]["mse"]
+            x = x0.clamp(-1, 1).repeat(8, 1, 1, 1)
+            return d.training_losses(model, x, y.repeat(8), t=t, noise=noise)[0]["mse"]
     before = held_loss(R.RaceDiT(cfg))
     model, *_ = overfit(cfg, 300, lr=2e-3)
     after = held_loss(model)
     assert after < 0.5 * before, (before, after)
 
 
-# ---------------------------------------------------------------------------------------------------
-# train.py
-
-import gzip  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import pickle  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tarfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from PIL import Image  # noqa: E402
-
-import train  # noqa: E402
-
-FAST = ["--model", "XS/8", "--batch-size", "8", "--log-every", "2", "--sample-steps", "3"]
-
-
-def run_train(tmp, *extra, steps=4):
-    train.main([*FAST, "--steps", str(steps), "--out", str(tmp), *extra])
-
-
-def digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def losses_by_step(out):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(Path(out) / "metrics.jsonl"))}
-
-
-def test_train_end_to_end_writes_checkpoint_metrics_and_grid(tmp_path, capsys):
-    run_train(tmp_path, "--save-every", "2", "--sample-every", "4")
-    assert "step 4/4" in capsys.readouterr().out
-    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
-    assert ckpt["step"] == 4 and set(ckpt) >= {"model", "ema", "opt", "config", "rng", "args"}
-    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["experts_per_token"] == pytest.approx(2.0) and "comb_usage" in record and "max_vio" in record
-    grid = Image.open(tmp_path / "samples" / "step_0000004.png")
-    assert grid.size == (8 * 34 + 2, 10 * 34 + 2)                        # 10 classes x 8 samples
-
-
-def test_resume_continues_exactly(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_train(a, "--save-every", "3", "--sample-every", "3", steps=6)
-    run_train(b, "--save-every", "3", "--sample-every", "3", steps=3)
-    with open(b / "metrics.jsonl", "a") as f:                             # logged after the save, then killed
-        f.write(json.dumps(dict(step=4, loss=9.0)) + "\n")
-    run_train(b, "--save-every", "3", "--sample-every", "3", "--resume", steps=6)
-    la, lb = losses_by_step(a), losses_by_step(b)
-    assert la.keys() == lb.keys() == {2, 3, 4, 6}
-    assert len((b / "metrics.jsonl").read_text().splitlines()) == 4         # the stale step-4 record is gone
-    for s in la:                                                          # CPU kernels: equal to float noise
-        assert lb[s] == pytest.approx(la[s], rel=1e-6)
-
-
-def expect_error(capsys, argv, message, code=2):
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == code and message in err and err.count("\n") == 1, err
-
-
-def test_bad_inputs_give_one_clear_error_and_keep_the_checkpoint(tmp_path, capsys):
-    run_train(tmp_path, "--sample-every", "0")
-    before = digest(tmp_path / "ckpt.pt")
-    base = [*FAST, "--out", str(tmp_path), "--resume", "--steps", "8"]
-    expect_error(capsys, base + ["--model", "Q/2"], "unknown model")
-    expect_error(capsys, base + ["--experts", "9in8"], "top-k must be between 1 and the number of experts")
-    expect_error(capsys, base + ["--model", "XS/4", "--image-size", "30"], "not divisible by the patch size")
-    expect_error(capsys, base + ["--data", "latents", "--data-dir", str(tmp_path / "none")], "no moments.npy")
-    expect_error(capsys, base + ["--data", str(tmp_path / "nowhere")], "neither a known dataset nor a folder")
-    expect_error(capsys, base + ["--experts", "1in8"], "is from another configuration: top_k=2")
-    expect_error(capsys, [*FAST, "--out", str(tmp_path)], "exists; pass --resume")
-    expect_error(capsys, base + ["--lr", "1e6"], "loss became nan", code=3)
-    assert digest(tmp_path / "ckpt.pt") == before
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(train.UserError, match="not a readable checkpoint"):
-        train.load_checkpoint(tmp_path / "junk.pt")
-
-
-def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train.py", *FAST, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parent)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "thresholds identical across 2 ranks: True" in res.stdout
-    assert "1/4" not in res.stdout and res.stdout.count("step 4/4") == 1  # rank 0 alone prints
-    assert len(train.load_checkpoint(tmp_path / "ckpt.pt")["rng"]) == 2
-
-
-def test_cifar10_reads_the_official_archive_and_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    batches = {f"data_batch_{i}": {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
-                                   b"labels": [i, 2, 9]} for i in range(1, 6)}
-    batches["test_batch"] = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 1]}
-    folder = tmp_path / "x" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for name, b in batches.items():
-        (folder / name).write_bytes(pickle.dumps(b))
-    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
-        tar.add(folder, arcname="cifar-10-batches-py")
-    for root in (tmp_path, tmp_path / "x"):                               # archive, then extracted folder
-        ds = train.load_cifar10(root)
-        assert len(ds) == 15 and ds[3][1] == 2
-        x, y = ds[0]
-        assert x.shape == (3, 32, 32) and y == 1
-        assert torch.equal(x.flatten(), torch.from_numpy(batches["data_batch_1"][b"data"][0]))
-        assert len(train.load_cifar10(root, train=False)) == 2
-
-
-def test_fashion_mnist_reads_idx_gz_files(tmp_path):
-    imgs = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(3, 28, 28)
-    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
-        f.write(np.array([2051, 3, 28, 28], ">i4").tobytes() + imgs.tobytes())
-    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(np.array([2049, 3], ">i4").tobytes() + bytes([7, 0, 3]))
-    ds = train.load_fashion_mnist(tmp_path)
-    assert len(ds) == 3 and ds[2][1] == 3 and torch.equal(ds[1][0][0], torch.from_numpy(imgs[1]))
-
-
-def make_folder_dataset(root, n=3, sizes=((40, 60), (64, 64), (33, 50))):
-    for c in ("cat", "dog"):
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            colour = (200, 0, 0) if c == "cat" else (0, 0, 200)
-            Image.new("RGB", sizes[i % len(sizes)], colour).save(root / c / f"{i}.png")
-
-
-def test_image_folder_center_crops_and_trains(tmp_path):
-    make_folder_dataset(tmp_path / "imgs", n=4)
-    ds = train.FolderDataset(tmp_path / "imgs", 16)
-    assert len(ds) == 8 and ds[0][0].shape == (3, 16, 16) and ds[7][1] == 1
-    assert ds[0][0][0].float().mean() == pytest.approx(200, abs=1)              # red cats
-    assert ds[7][0][2].float().mean() == pytest.approx(200, abs=1)              # blue dogs
-    run_train(tmp_path / "run", "--data", str(tmp_path / "imgs"), "--image-size", "16", "--sample-every", "0")
-    assert (tmp_path / "run" / "ckpt.pt").exists()
-
-
-def test_latent_format_round_trips(tmp_path):
-    make_folder_dataset(tmp_path / "imgs")
-    def encode(x):  # a stand-in VAE: 8x downsampling, 4 channels, fixed small variance
-        m = F.avg_pool2d(x, 8)
-        return torch.cat([m, -m[:, :1]], 1), torch.full((len(x), 4, 2, 2), -30.0)
-    train.extract_latents(tmp_path / "imgs", tmp_path / "lat", 16, encode, "cpu", batch=4, workers=0)
-    ds = train.load_latents(tmp_path / "lat")
-    assert len(ds) == 6 and ds[0][0].shape == (2, 8, 2, 2) and list(ds.y) == [0, 0, 0, 1, 1, 1]
-    x = torch.stack([ds[i][0] for i in range(6)])
-    img = torch.stack([train.FolderDataset(tmp_path / "imgs", 16)[i][0] for i in range(6)]).float() / 127.5 - 1
-    mean, _ = encode(img)
-    torch.testing.assert_close(x[:, 0, :4].float(), mean, atol=2e-3, rtol=2e-3)              # stored as float16
-    torch.testing.assert_close(x[:, 1, :4].float(), encode(img.flip(-1))[0], atol=2e-3, rtol=2e-3)
-    z = train.to_model_input(x, ds)                                       # posterior sample of image or flip
-    assert z.shape == (6, 4, 2, 2)
-    near = lambda f: (z - x[:, f, :4].float() * train.LATENT_SCALE).abs().amax((1, 2, 3)) < 1e-4
-    assert (near(0) | near(1)).all()
-    run_train(tmp_path / "run", "--data", "latents", "--data-dir", str(tmp_path / "lat"), "--model", "XS/1",
-              "--sample-every", "0", "--batch-size", "4")
-    assert train.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]["in_channels"] == 4
-
-
-# ---------------------------------------------------------------------------------------------------
-# sample.py
-
-import sample  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    run_train(out, "--sample-every", "0", "--lr", "1e-3", steps=6)
-    return str(out / "ckpt.pt")
-
-
-def run_sample(ckpt, *extra):
-    sample.main(["--ckpt", ckpt, "--steps", "4", "--cfg-scale", "2", "--num-samples", "8", *extra])
-
-
-def test_same_seed_same_images_for_batch_size_1_and_8(ckpt, tmp_path):
-    run_sample(ckpt, "--batch-size", "1", "--npz", str(tmp_path / "a.npz"), "--out", "")
-    run_sample(ckpt, "--batch-size", "8", "--npz", str(tmp_path / "b.npz"), "--out", "")
-    a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
-    assert a.shape == (8, 32, 32, 3) and a.dtype == np.uint8                 # ADM layout
-    assert np.abs(a.astype(int) - b).max() <= 1                           # float noise may flip a rounding
-    run_sample(ckpt, "--batch-size", "8", "--seed", "1", "--npz", str(tmp_path / "c.npz"), "--out", "")
-    assert not np.array_equal(np.load(tmp_path / "c.npz")["arr_0"], a)
-
-
-def test_torchrun_splits_npz_generation_into_the_same_file(ckpt, tmp_path):
-    run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "one.npz"), "--out", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "sample.py", "--ckpt", ckpt, "--steps", "4", "--cfg-scale", "2", "--num-samples", "8", "--batch-size", "2",
-           "--npz", str(tmp_path / "two.npz"), "--out", ""]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "batch 2/2 (process 0 of 2): samples 4..5 of 8" in res.stdout  # rank 0 took batches 0 and 2
-    one, two = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
-    assert two.shape == one.shape and np.abs(one.astype(int) - two).max() <= 1
-
-
-def test_interrupted_npz_generation_resumes_to_the_same_file(ckpt, tmp_path, monkeypatch):
-    run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "full.npz"), "--out", "")
-    calls, real = [], sample.generate
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(sample, "generate", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "res.npz"), "--out", "")
-    on_disk = sorted(p.name for p in (tmp_path / "res.npz.parts").iterdir())
-    assert on_disk == ["00000000.npy", "00000002.npy", "meta.json"]
-    calls.clear()
-    run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "res.npz"), "--out", "")
-    assert len(calls) == 2 and not (tmp_path / "res.npz.parts").exists()   # only the missing batches
-    assert np.array_equal(np.load(tmp_path / "res.npz")["arr_0"], np.load(tmp_path / "full.npz")["arr_0"])
-
-
-def test_routing_stats_json_and_chart(ckpt, tmp_path, capsys):
-    run_sample(ckpt, "--routing-stats", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png"), "--labels", "0,9")
-    stats = json.loads((tmp_path / "r.json").read_text())
-    assert stats["timesteps"] == [999, 666, 333, 0] and len(stats["per_layer"]) == 6
-    assert all(v > 0 for v in stats["mean"]) and all(len(v) == 4 for v in stats["per_layer"])
-    assert Image.open(tmp_path / "r.png").size == (720, 420)
-    assert Image.open(tmp_path / "g.png").size == (8 * 34 + 2, 34 + 2)
-    assert f"mean experts per token (threshold routing): {stats['overall']:.3f}" in capsys.readouterr().out
-
-
-def test_topk_routing_uses_exactly_k_experts_per_token(ckpt, tmp_path, capsys):
-    run_sample(ckpt, "--routing", "topk", "--routing-stats", str(tmp_path / "r.json"), "--out", "")
-    assert json.loads((tmp_path / "r.json").read_text())["mean"] == [pytest.approx(2.0)] * 4
-
-
-@pytest.mark.parametrize("content", [b"garbage", None])
-def test_foreign_or_corrupted_checkpoint_is_refused(tmp_path, capsys, ckpt, content):
-    path = tmp_path / "bad.pt"
-    if content is None:
-        torch.save({"state_dict": {}}, path)                               # a foreign (readable) checkpoint
-    else:
-        path.write_bytes(Path(ckpt).read_bytes()[:1000])                   # truncated
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--ckpt", str(path)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("sample.py: error:") and err.count("\n") == 1
-    assert ("not a race-dit checkpoint" if content is None else "not a readable checkpoint") in err
-
-
-# ---------------------------------------------------------------------------------------------------
-# benchmarks
-
-def test_bench_script_reports_ratios(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
-    import bench
-    bench.main(["--models", "XS/8:dense,XS/8:race:2in8", "--rounds", "1", "--warmup", "0", "--image-size", "16",
-                "--batch-size", "2", "--json", str(tmp_path / "b.json")])
-    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == ["XS/8:dense", "XS/8:race:2in8"] and rows[0]["train_ratio"] == 1.0
-    assert rows[1]["activated"] < rows[1]["params"] and rows[1]["train_ms"] > 0
-    assert "XS/8:race:2in8" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("flags,message", [(["--labels", "3,x"], "--labels must be comma-separated classes"),
-                                           (["--labels", "10"], "in 0..9"), (["--steps", "0"], "--steps")])
-def test_sample_rejects_bad_flags(ckpt, capsys, flags, message):
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--ckpt", ckpt, "--out", "", *flags])
-    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -21,13 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
+from utils import atomic_write, use_bf16  # noqa: E402
 
 DEFAULT = "S/2:dense,S/2:race:2in8,S/2:race:4in16,S/2:race:8in32,S/2:token:2in8,S/2:expert:2in8"
 
 
 def build(spec, args, device):
-    name, router, *experts = spec.split(":")
-    cfg = R.make_config(name, experts[0] if experts else None, router=router, input_size=args.image_size,
+    name, routing, *experts = spec.split(":")
+    cfg = R.make_config(name, experts[0] if experts else None, routing=routing, input_size=args.image_size,
                         in_channels=args.channels, num_classes=args.num_classes)
     return R.RaceDiT(cfg).to(device)
 
@@ -40,7 +41,7 @@ def sync(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT,
-                   help="comma list of SIZE/PATCH:ROUTER[:KinE]; the first is the baseline")
+                   help="comma list of SIZE/PATCH:ROUTING[:KinE]; the first is the baseline")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=4)
@@ -49,10 +50,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
-    p.add_argument("--json", default="benchmarks/bench.json")
+    p.add_argument("--json", help="also write the results here (e.g. benchmarks/bench.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    bf16 = use_bf16(args.precision, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
     specs = args.models.split(",")
@@ -119,14 +120,15 @@ def main(argv=None):
                    experts_per_token_infer=times[s]["experts"])
         rows.append(row)
         ept = f"{row['experts_per_token_infer']:.2f}" if row["experts_per_token_infer"] is not None else "-"
-        print(f"{s:26s} {total / 1e6:8.1f}M {active / 1e6:8.1f}M {row['train_ms']:9.1f} {row['train_ratio']:7.2f} "
+        print(f"{s:26s} {total / 1e6:8.1f}M {active / 1e6:8.1f}M "
+              f"{row['train_ms']:9.1f} {row['train_ratio']:7.2f} "
               f"{row['infer_ms']:9.1f} {row['infer_ratio']:7.2f} {row['train_images_per_s']:9.1f} "
               f"{row['memory_mb']:8.0f} {ept:>8s}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(dict(device=str(device), precision="bf16" if bf16 else "fp32",
-                                               batch_size=B, image_size=S, channels=C, torch=torch.__version__,
-                                               rows=rows), indent=1))
-    print(f"wrote {args.json}")
+    if args.json:
+        result = dict(device=str(device), precision="bf16" if bf16 else "fp32", batch_size=B, image_size=S,
+                      channels=C, torch=torch.__version__, rows=rows)
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

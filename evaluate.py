@@ -1,0 +1,171 @@
+"""
+Score a checkpoint's samples with a small classifier trained on the same data (shapes, Fashion-MNIST,
+CIFAR-10): the class accuracy of class-conditional samples, and a Fréchet distance between samples and
+the test split in the classifier's 64-d features. The FD is a proxy for sample quality, NOT FID: other
+network, other features, few samples. It comes with its noise: the FDs of two disjoint halves.
+
+    python evaluate.py --ckpt runs/default/ckpt.pt                  # 20 samples per class
+    python evaluate.py --ckpt CKPT --per-class 100 --classifier-seed 1 --json eval.json
+
+The classifier is trained once per (data, image size, seed) on the training split and cached beside
+the data (--data-dir); the test split is used only for its accuracy and the FD reference.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import race_dit as R
+from data import load_data
+from utils import (Parser, atomic_write, generate, load_model, require, run_main, save_grid, to_uint8,
+                   writable_folder)
+
+SUPPORTED = ("shapes", "cifar10", "fashion-mnist")
+
+
+class Classifier(nn.Module):
+    """Three 3x3 conv stages and a global average pool (any image size), 64 features, a linear head."""
+
+    def __init__(self, channels, num_classes, width=32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x):  # uint8 (B, C, H, W) -> features (B, 64), logits (B, classes)
+        f = self.body(x.float() / 127.5 - 1)
+        return f, self.head(f)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), with symmetric square roots (float64)."""
+    def sqrtm(a):
+        w, v = np.linalg.eigh((a + a.T) / 2)
+        return (v * np.sqrt(w.clip(min=0))) @ v.T
+    root = sqrtm(cov1)
+    cross = np.sqrt(np.linalg.eigvalsh(root @ cov2 @ root).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * cross)
+
+
+def moments(features):
+    f = np.asarray(features, np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+class Evaluator:
+    def __init__(self, data, data_dir="data", image_size=32, seed=0, epochs=3, log=print, cache_dir=None):
+        require(data in SUPPORTED, f"the evaluator needs one of {', '.join(SUPPORTED)} (a test split), "
+                                   f"not {data!r}")
+        cache = Path(cache_dir or data_dir) / f"classifier-{data}-{image_size}-seed{seed}.pt"
+        test = load_data(data, data_dir, image_size, "test")
+        self.channels = test[0][0].shape[0]
+        self.net = Classifier(self.channels, test.num_classes).eval()
+        if cache.exists():
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            self.net.load_state_dict(saved["net"])
+            self.test_accuracy, self.scale = saved["test_accuracy"], saved["scale"].numpy()
+            self.ref = saved["mu"].numpy(), saved["cov"].numpy()
+            return
+        tick = time.time()
+        train_set = load_data(data, data_dir, image_size, "train")
+        x, y = torch.from_numpy(np.array(train_set.x)), torch.from_numpy(train_set.y)
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.net.train()
+        opt = torch.optim.Adam(self.net.parameters(), lr=2e-3)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=g).split(128):
+                xb = torch.where(torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5, x[idx].flip(-1), x[idx])
+                loss = F.cross_entropy(self.net(xb)[1], y[idx])             # flips: the generator's too
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.net.eval()
+        feats, logits = self.features(np.asarray(test.x))
+        self.test_accuracy = float((logits.argmax(1) == test.y).mean())
+        # FD in units of each feature's spread on real data; features (almost) dead on real data are
+        # left out, since dividing by their tiny spread would let them dominate.
+        std = feats.std(0)
+        self.scale = np.where(std > 0.01 * np.median(std), std, np.inf)
+        self.ref = moments(feats / self.scale)
+        state = dict(net=self.net.state_dict(), test_accuracy=self.test_accuracy,
+                     scale=torch.from_numpy(self.scale), mu=torch.from_numpy(self.ref[0]),
+                     cov=torch.from_numpy(self.ref[1]))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, lambda tmp: torch.save(state, tmp))
+        log(f"evaluator: trained a {data} classifier (seed {seed}) in {time.time() - tick:.0f} s, "
+            f"test accuracy {self.test_accuracy:.3f}; cached in {cache}")
+
+    @torch.no_grad()
+    def features(self, x):
+        """uint8 images (N, C, H, W) -> features (N, 64), logits (N, classes) as numpy."""
+        chunks = np.array_split(x, max(1, len(x) // 500))
+        out = [self.net(torch.from_numpy(np.array(b))) for b in chunks]
+        return torch.cat([f for f, _ in out]).numpy(), torch.cat([lg for _, lg in out]).numpy()
+
+    def score(self, images, labels):
+        """images: uint8 (N, H, W, 3) as sample.py and train.py write them; labels (N,) the classes asked
+        for. Returns the class accuracy and the FD proxy of all samples and of two disjoint halves."""
+        x = images.transpose(0, 3, 1, 2)[:, :self.channels]                # grey samples were replicated
+        feats, logits = self.features(x)
+        feats = feats / self.scale
+        half = np.arange(len(x)) % 2 == 0                        # alternate: both halves hold every class
+        fd = lambda m: frechet_distance(*moments(feats[m]), *self.ref)
+        return dict(accuracy=float((logits.argmax(1) == labels).mean()), fd=fd(np.ones(len(x), bool)),
+                    fd_half_a=fd(half), fd_half_b=fd(~half), n=len(x),
+                    classifier_test_accuracy=self.test_accuracy)
+
+
+def main(argv=None):
+    p = Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", required=True, help="a train.py checkpoint of shapes, fashion-mnist or cifar10")
+    a("--per-class", type=int, default=20, help="samples per class")
+    a("--steps", type=int, help="sampling steps (default: the run's --sample-steps)")
+    a("--cfg-scale", type=float, help="guidance (default: the run's --cfg-scale)")
+    a("--seed", type=int, default=0, help="sampling seed")
+    a("--classifier-seed", type=int, default=0, help="another seed trains another classifier")
+    a("--batch-size", type=int, default=100)
+    a("--json", help="write the scores here (also printed)")
+    a("--grid", help="also write the samples as a PNG grid, one row per class")
+    args = p.parse_args(argv)
+    run_main("evaluate.py", lambda: evaluate(args))
+
+
+def evaluate(args):
+    require(args.per_class > 0 and args.batch_size > 0, "--per-class and --batch-size must be positive")
+    for path, flag in ((args.json, "--json"), (args.grid, "--grid")):
+        if path:
+            writable_folder(path, flag)
+    model, ckpt = load_model(args.ckpt)
+    run = ckpt["args"]
+    steps = args.steps or run["sample_steps"]
+    cfg_scale = run["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
+    require(1 <= steps <= 1000 and np.isfinite(cfg_scale), "--steps must be in 1..1000, --cfg-scale finite")
+    evaluator = Evaluator(run["data"], run["data_dir"], run["image_size"], args.classifier_seed)
+    labels = torch.arange(model.cfg.num_classes).repeat_interleave(args.per_class)
+    tick, images = time.time(), []
+    for s in range(0, len(labels), args.batch_size):
+        y = labels[s:s + args.batch_size]
+        x = generate(model, R.Diffusion(), y, s, args.seed, steps, cfg_scale, clip_x0=True)
+        images.append(to_uint8(x))
+    images = np.concatenate(images)
+    scores = dict(ckpt=str(args.ckpt), step=ckpt["step"], steps=steps, cfg_scale=cfg_scale, seed=args.seed,
+                  classifier_seed=args.classifier_seed, sample_seconds=time.time() - tick,
+                  **evaluator.score(images, labels.numpy()))
+    print(json.dumps(scores, indent=1))
+    if args.json:
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(scores, indent=1)))
+    if args.grid:
+        save_grid(images, args.grid, nrow=args.per_class)
+
+
+if __name__ == "__main__":
+    main()

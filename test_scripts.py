@@ -1,0 +1,535 @@
+"""End-to-end tests of the scripts (train.py, sample.py, evaluate.py, extract_latents.py, benchmarks) and
+of the data and file helpers they share, on tiny inputs the tests create. CPU only, no network."""
+import contextlib
+import errno
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import evaluate
+import extract_latents
+import sample
+import train
+import utils
+from conftest import FAST, run_train
+
+ROOT = Path(__file__).parent
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def losses_by_step(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(Path(out) / "metrics.jsonl"))}
+
+
+def expect_error(capsys, main, argv, message, code=2):
+    """One line on stderr naming the problem, the exit status, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code and message in err and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py
+
+def test_train_end_to_end_writes_checkpoint_metrics_grid_and_loss_chart(tmp_path, capsys):
+    run_train(tmp_path, "--save-every", "2", "--sample-every", "4")
+    assert "step 4/4" in capsys.readouterr().out
+    ckpt = utils.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 4 and set(ckpt) >= {"model", "ema", "opt", "config", "rng", "args"}
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["experts_per_token"] == pytest.approx(2.0)
+    assert "comb_usage" in record and "max_vio" in record
+    grid = Image.open(tmp_path / "samples" / "step_0000004.png")
+    assert grid.size == (8 * 18 + 2, 10 * 18 + 2)                        # 10 classes x 8 samples
+    assert Image.open(tmp_path / "loss.png").size == (720, 420)
+    assert not list(tmp_path.glob(".*tmp*"))                             # no temporary file left
+
+
+def test_warmup_ramps_the_learning_rate_linearly(tmp_path):
+    run_train(tmp_path, "--warmup", "3", "--lr", "1e-3", "--log-every", "1", "--sample-every", "0")
+    lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+
+def test_gradient_accumulation_equals_one_big_batch_for_a_dense_model():
+    from conftest import tiny
+    import race_dit as R
+    args = train.parse_args(["--plr-weight", "0.1", "--rsl-weight", "0.01"])
+    grads = {}
+    for n in (1, 2, 4):
+        torch.manual_seed(0)
+        model = R.RaceDiT(tiny("dense", class_dropout_prob=0.0))
+        g = torch.Generator().manual_seed(1)
+        x0, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+        t, noise = torch.randint(0, 1000, (8,), generator=g), torch.randn(8, 3, 8, 8, generator=g)
+        micro = list(zip(x0.chunk(n), y.chunk(n), t.chunk(n), noise.chunk(n)))
+        losses, _ = train.accumulate(model, R.Diffusion(), micro, args, contextlib.nullcontext)
+        grads[n] = [p.grad for p in model.parameters() if p.requires_grad]
+        assert set(losses) == {"loss", "mse"}
+    for n in (2, 4):
+        for a, b in zip(grads[1], grads[n]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_race_runs_one_race_per_micro_batch(tmp_path):
+    run_train(tmp_path, "--grad-accum", "2", "--sample-every", "0")
+    ckpt = utils.load_checkpoint(tmp_path / "ckpt.pt")
+    updates = [v for k, v in ckpt["model"].items() if k.endswith("threshold_updates")]
+    assert len(updates) == 6 and all(u == 4 * 2 for u in updates)         # 4 steps x 2 races each
+
+
+def test_resume_continues_exactly(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_train(a, "--save-every", "3", "--sample-every", "3", steps=6)
+    run_train(b, "--save-every", "3", "--sample-every", "3", steps=3)
+    with open(b / "metrics.jsonl", "a") as f:                             # logged after the save, then killed
+        f.write(json.dumps(dict(step=4, loss=9.0)) + '\n{"step": 5, "lo')  # the last line cut mid-write
+    run_train(b, "--save-every", "3", "--sample-every", "3", "--resume", steps=6)
+    la, lb = losses_by_step(a), losses_by_step(b)
+    assert la.keys() == lb.keys() == {2, 3, 4, 6}
+    assert len((b / "metrics.jsonl").read_text().splitlines()) == 4        # stale and partial records gone
+    for s in la:                                                          # CPU kernels: equal to float noise
+        assert lb[s] == pytest.approx(la[s], rel=1e-6)
+
+
+def test_a_restart_without_checkpoint_drops_the_killed_runs_records(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=2, loss=5.0)) + "\n")
+    run_train(tmp_path, "--sample-every", "0")
+    assert [r["loss"] != 5.0 for r in map(json.loads, open(tmp_path / "metrics.jsonl"))] == [True, True]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--sample-steps", "0"], "--sample-steps must be in 1..1000"),
+    (["--sample-steps", "5000"], "--sample-steps must be in 1..1000"),
+    (["--lr", "-1"], "--lr must be a positive number"), (["--lr", "nan"], "--lr must be a positive number"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a number"), (["--threshold-decay", "2"], "[0, 1)"),
+    (["--workers", "-1"], "--workers must be zero or positive"), (["--model", "XS/0"], "patch size must be"),
+    (["--seed", "1e20"], "invalid int value"), (["--seed", "-1"], "--seed must be in"),
+    (["--experts", "9in8"], "top-k must be between 1 and the number of experts"),
+    (["--model", "Q/2"], "unknown model"), (["--data", "nowhere"], "neither one of"),
+    (["--model", "XS/4", "--image-size", "30"], "not divisible by the patch size")])
+def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
+    expect_error(capsys, train.main, [*FAST, "--out", str(tmp_path / "run"), *flags], message)
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_bad_inputs_and_divergence_keep_the_checkpoint(tmp_path, capsys):
+    run_train(tmp_path, "--sample-every", "0")
+    before = digest(tmp_path / "ckpt.pt")
+    base = [*FAST, "--out", str(tmp_path), "--resume", "--steps", "8"]
+    no_latents = ["--data", "latents", "--data-dir", str(tmp_path / "no")]
+    expect_error(capsys, train.main, base + no_latents, "no moments.npy")
+    expect_error(capsys, train.main, base + ["--experts", "1in8"], "is from another configuration: top_k=2")
+    expect_error(capsys, train.main, [*FAST, "--out", str(tmp_path)], "exists; pass --resume")
+    # A diverging run: the weights blow up after a step whose loss was finite; nothing non-finite is saved.
+    expect_error(capsys, train.main, base + ["--lr", "1e6", "--save-every", "1", "--warmup", "0"],
+                 "last good: the checkpoint of step 4", code=3)
+    assert digest(tmp_path / "ckpt.pt") == before
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once(tmp_path, capsys):
+    with utils.locked(tmp_path):                                          # a live run holds the folder
+        expect_error(capsys, train.main, [*FAST, "--out", str(tmp_path)], "in use by another running process")
+    run_train(tmp_path, "--sample-every", "0")                            # it ended (or was killed): free
+    assert (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, capsys):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"old")
+
+    def fill(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    with pytest.raises(SystemExit) as e:
+        utils.run_main("train.py", lambda: utils.atomic_write(path, fill))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no space left on device" in err and err.count("\n") == 1
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train.py", *FAST, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "thresholds identical across 2 ranks: True" in res.stdout
+    assert "1/4" not in res.stdout and res.stdout.count("step 4/4") == 1  # rank 0 alone prints
+    assert len(utils.load_checkpoint(tmp_path / "ckpt.pt")["rng"]) == 2
+
+
+def test_pre_rename_checkpoints_load(tmp_path):
+    run_train(tmp_path, "--sample-every", "0")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["config"]["router"] = ckpt["config"].pop("routing")
+    ckpt["args"]["sim_weight"] = ckpt["args"].pop("rsl_weight")
+    ckpt["ema"] = {k.replace(".plr_head.", ".target_head."): v for k, v in ckpt["ema"].items()}
+    torch.save(ckpt, tmp_path / "old.pt")
+    old = utils.load_checkpoint(tmp_path / "old.pt")
+    assert old["config"]["routing"] == "race" and "rsl_weight" in old["args"]
+    assert any(".plr_head." in k for k in old["ema"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data sources: formats, validation, no code execution
+
+def write_cifar(root, batches):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, b in batches.items():
+        (folder / name).write_bytes(pickle.dumps(b, protocol=2))
+    return folder
+
+
+def test_cifar10_reads_the_official_archive_and_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    batches = {f"data_batch_{i}": {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+                                   b"labels": [i, 2, 9], b"batch_label": b"x"} for i in range(1, 6)}
+    batches["test_batch"] = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 1]}
+    folder = write_cifar(tmp_path / "x", batches)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    for root in (tmp_path, tmp_path / "x"):                               # archive, then extracted folder
+        ds = data.load_cifar10(root)
+        assert len(ds) == 15 and ds[3][1] == 2 and ds.num_classes == 10
+        x, y = ds[0]
+        assert x.shape == (3, 32, 32) and y == 1
+        assert torch.equal(x.flatten(), torch.from_numpy(batches["data_batch_1"][b"data"][0]))
+        assert len(data.load_cifar10(root, "test")) == 2
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cifar_file_cannot_run_code(tmp_path, capsys):
+    Exploit.marker = tmp_path / "pwned"
+    batches = {f"data_batch_{i}": {b"data": Exploit(), b"labels": [0]} for i in range(1, 6)}
+    write_cifar(tmp_path, batches)
+    expect_error(capsys, train.main, [*FAST, "--data", "cifar10", "--data-dir", str(tmp_path),
+                                      "--out", str(tmp_path / "run")], "refusing to load posix.system")
+    assert not Exploit.marker.exists()
+
+
+def write_idx(root, split, images, labels):
+    with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(np.array([2051, len(images), 28, 28], ">i4").tobytes() + images.tobytes())
+    with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(np.array([2049, len(labels)], ">i4").tobytes() + np.asarray(labels, np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_gz_files_and_refuses_broken_ones(tmp_path, capsys):
+    imgs = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(3, 28, 28)
+    write_idx(tmp_path, "train", imgs, [7, 0, 3])
+    ds = data.load_fashion_mnist(tmp_path)
+    assert len(ds) == 3 and ds[2][1] == 3 and torch.equal(ds[1][0][0], torch.from_numpy(imgs[1]))
+    gz = tmp_path / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:40])                                 # truncated download
+    expect_error(capsys, train.main, [*FAST, "--data", "fashion-mnist", "--data-dir", str(tmp_path),
+                                      "--out", str(tmp_path / "run")], "could not read fashion-mnist")
+    write_idx(tmp_path, "train", imgs, [7, 0, 12])                        # a label out of range
+    with pytest.raises(utils.UserError, match=r"labels must be in 0..9, found 0..12"):
+        data.load_fashion_mnist(tmp_path)
+
+
+def make_folder_dataset(root, n=3, sizes=((40, 60), (64, 64), (33, 50))):
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            colour = (200, 0, 0) if c == "cat" else (0, 0, 200)
+            Image.new("RGB", sizes[i % len(sizes)], colour).save(root / c / f"{i}.png")
+
+
+def test_image_folder_center_crops_and_trains(tmp_path):
+    make_folder_dataset(tmp_path / "imgs", n=4)
+    ds = data.FolderDataset(tmp_path / "imgs", 16)
+    assert len(ds) == 8 and ds[0][0].shape == (3, 16, 16) and ds[7][1] == 1 and ds.num_classes == 2
+    assert ds[0][0][0].float().mean() == pytest.approx(200, abs=1)              # red cats
+    assert ds[7][0][2].float().mean() == pytest.approx(200, abs=1)              # blue dogs
+    run_train(tmp_path / "run", "--data", str(tmp_path / "imgs"), "--image-size", "16", "--sample-every", "0")
+    assert utils.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]["num_classes"] == 2
+
+
+def test_image_folder_reports_a_truncated_image_and_reads_16_bit(tmp_path, capsys):
+    make_folder_dataset(tmp_path / "imgs")
+    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(tmp_path / "imgs" / "dog" / "deep.png")
+    ds = data.FolderDataset(tmp_path / "imgs", 16)
+    assert ds[ds.items.index((tmp_path / "imgs" / "dog" / "deep.png", 1))][0].float().mean() == \
+        pytest.approx(40000 / 257, abs=1)                                  # grey, not clipped to white
+    bad = tmp_path / "imgs" / "cat" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    expect_error(capsys, train.main, [*FAST, "--data", str(tmp_path / "imgs"), "--image-size", "16",
+                                      "--out", str(tmp_path / "run")], "1.png is not a readable image")
+
+
+def stand_in_vae(x):  # 8x downsampling, 4 channels, fixed small variance
+    m = F.avg_pool2d(x, 8)
+    return torch.cat([m, -m[:, :1]], 1), torch.full((len(x), 4, 2, 2), -30.0)
+
+
+def test_latent_format_round_trips(tmp_path):
+    make_folder_dataset(tmp_path / "imgs")
+    extract_latents.extract_latents(tmp_path / "imgs", tmp_path / "lat", 16, stand_in_vae, "cpu", 4, 0)
+    ds = data.load_latents(tmp_path / "lat", 1000)
+    assert len(ds) == 6 and ds[0][0].shape == (2, 8, 2, 2) and list(ds.y) == [0, 0, 0, 1, 1, 1]
+    x = torch.stack([ds[i][0] for i in range(6)])
+    img = torch.stack([data.FolderDataset(tmp_path / "imgs", 16)[i][0] for i in range(6)]).float() / 127.5 - 1
+    mean, _ = stand_in_vae(img)
+    torch.testing.assert_close(x[:, 0, :4].float(), mean, atol=2e-3, rtol=2e-3)       # stored as float16
+    torch.testing.assert_close(x[:, 1, :4].float(), stand_in_vae(img.flip(-1))[0], atol=2e-3, rtol=2e-3)
+    z = data.to_model_input(x, ds)                                        # posterior sample of image or flip
+    near = lambda f: (z - x[:, f, :4].float() * utils.LATENT_SCALE).abs().amax((1, 2, 3)) < 1e-4
+    assert z.shape == (6, 4, 2, 2) and (near(0) | near(1)).all()
+    run_train(tmp_path / "run", "--data", "latents", "--data-dir", str(tmp_path / "lat"), "--model", "XS/1",
+              "--sample-every", "0", "--batch-size", "4", "--num-classes", "10")
+    config = utils.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]
+    assert config["in_channels"] == 4 and config["num_classes"] == 10     # the flag, not the largest label
+
+
+@pytest.mark.parametrize("labels,message", [(np.array([0, 1, 2, 99999, 4, 5]), "labels must be in 0..999"),
+                                            (np.arange(5), "5 labels for 6 examples"),
+                                            (np.arange(6.0), "labels must be integers")])
+def test_latent_labels_are_checked_against_the_class_count(tmp_path, labels, message):
+    make_folder_dataset(tmp_path / "imgs")
+    extract_latents.extract_latents(tmp_path / "imgs", tmp_path / "lat", 16, stand_in_vae, "cpu", 4, 0)
+    np.save(tmp_path / "lat" / "labels.npy", labels)
+    with pytest.raises(utils.UserError, match=message):
+        data.load_latents(tmp_path / "lat", 1000)
+
+
+def test_shapes_are_deterministic_and_class_coloured():
+    a, b = data.make_shapes(n=100, seed=0), data.make_shapes(n=100, seed=0)
+    assert np.array_equal(a.x, b.x) and a.x.shape == (100, 3, 32, 32) and a.num_classes == 10
+    red = a.x[a.y == 0].reshape(-1, 3, 32 * 32).max(-1).mean(0)          # class 0: a red disc
+    assert red[0] > 150 > red[1] and red[2] < 150
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample.py
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run_train(out, "--sample-every", "0", "--lr", "1e-3", steps=6)
+    return str(out / "ckpt.pt")
+
+
+def run_sample(ckpt, *extra):
+    sample.main(["--ckpt", ckpt, "--steps", "4", "--cfg-scale", "2", "--num-samples", "8", *extra])
+
+
+def test_same_seed_same_images_for_batch_size_1_and_8(ckpt, tmp_path):
+    run_sample(ckpt, "--batch-size", "1", "--npz", str(tmp_path / "a.npz"), "--out", "")
+    run_sample(ckpt, "--batch-size", "8", "--npz", str(tmp_path / "b.npz"), "--out", "")
+    a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
+    assert a.shape == (8, 16, 16, 3) and a.dtype == np.uint8                 # ADM layout
+    assert np.abs(a.astype(int) - b).max() <= 1                           # float noise may flip a rounding
+    run_sample(ckpt, "--batch-size", "8", "--seed", "1", "--npz", str(tmp_path / "c.npz"), "--out", "")
+    assert not np.array_equal(np.load(tmp_path / "c.npz")["arr_0"], a)
+
+
+def test_torchrun_splits_npz_generation_into_the_same_file(ckpt, tmp_path):
+    run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "one.npz"), "--out", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "sample.py", "--ckpt", ckpt, "--steps", "4", "--cfg-scale", "2", "--num-samples", "8",
+           "--batch-size", "2", "--npz", str(tmp_path / "two.npz"), "--out", ""]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "batch 2/2 (process 0 of 2): samples 4..5 of 8" in res.stdout  # rank 0 took batches 0 and 2
+    one, two = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
+    assert two.shape == one.shape and np.abs(one.astype(int) - two).max() <= 1
+
+
+def interrupt_after_two_batches(monkeypatch, ckpt, npz, *extra):
+    calls, real = [], sample.generate
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(sample, "generate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_sample(ckpt, "--batch-size", "2", "--npz", str(npz), "--out", "", *extra)
+    calls.clear()
+    return calls
+
+
+def test_interrupted_npz_generation_resumes_to_the_same_file(ckpt, tmp_path, monkeypatch):
+    run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "full.npz"), "--out", "")
+    calls = interrupt_after_two_batches(monkeypatch, ckpt, tmp_path / "res.npz")
+    on_disk = sorted(p.name for p in (tmp_path / "res.npz.parts").iterdir())
+    assert on_disk == ["00000000.npy", "00000002.npy", "meta.json"]
+    run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "res.npz"), "--out", "")
+    assert len(calls) == 2 and not (tmp_path / "res.npz.parts").exists()   # only the missing batches
+    assert np.array_equal(np.load(tmp_path / "res.npz")["arr_0"], np.load(tmp_path / "full.npz")["arr_0"])
+
+
+def test_npz_resume_refuses_other_weights_at_the_same_path_or_labels(ckpt, tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "ckpt.pt"
+    copy.write_bytes(Path(ckpt).read_bytes())
+    interrupt_after_two_batches(monkeypatch, str(copy), tmp_path / "s.npz", "--labels", "1,2")
+    argv = ["--ckpt", str(copy), "--steps", "4", "--cfg-scale", "2", "--num-samples", "8",
+            "--batch-size", "2", "--npz", str(tmp_path / "s.npz"), "--out", ""]
+    expect_error(capsys, sample.main, argv + ["--labels", "1,3"], "interrupted run of another model, labels")
+    state = torch.load(copy, weights_only=True)
+    state["ema"]["final_layer.linear.bias"] += 1                           # another model, same path
+    torch.save(state, copy)
+    expect_error(capsys, sample.main, argv + ["--labels", "1,2"], "interrupted run of another model, labels")
+
+
+def test_routing_stats_json_and_chart(ckpt, tmp_path, capsys):
+    run_sample(ckpt, "--routing-stats", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png"),
+               "--labels", "0,9")
+    stats = json.loads((tmp_path / "r.json").read_text())
+    assert stats["timesteps"] == [999, 666, 333, 0] and len(stats["per_layer"]) == 6
+    assert all(v > 0 for v in stats["mean"]) and all(len(v) == 4 for v in stats["per_layer"])
+    assert Image.open(tmp_path / "r.png").size == (720, 420)
+    assert Image.open(tmp_path / "g.png").size == (8 * 18 + 2, 18 + 2)
+    assert f"mean experts per token (threshold routing): {stats['overall']:.3f}" in capsys.readouterr().out
+
+
+def test_topk_routing_uses_exactly_k_experts_per_token(ckpt, tmp_path):
+    run_sample(ckpt, "--inference-routing", "topk", "--routing-stats", str(tmp_path / "r.json"), "--out", "")
+    assert json.loads((tmp_path / "r.json").read_text())["mean"] == [pytest.approx(2.0)] * 4
+
+
+@pytest.mark.parametrize("content", [b"garbage", None])
+def test_foreign_or_corrupted_checkpoint_is_refused(tmp_path, capsys, ckpt, content):
+    path = tmp_path / "bad.pt"
+    if content is None:
+        torch.save({"state_dict": {}}, path)                               # a foreign (readable) checkpoint
+    else:
+        path.write_bytes(Path(ckpt).read_bytes()[:1000])                   # truncated
+    message = "not a race-dit checkpoint" if content is None else "not a readable checkpoint"
+    expect_error(capsys, sample.main, ["--ckpt", str(path)], message)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--labels", "3,x"], "--labels must be comma-separated classes"), (["--labels", "10"], "in 0..9"),
+    (["--labels", "²"], "--labels must be"), (["--steps", "0"], "--steps"),
+    (["--num-samples", "0"], "--num-samples must be positive"), (["--cfg-scale", "nan"], "--cfg-scale"),
+    (["--out", "/nonexistent/dir/g.png"], "does not exist"), (["--npz", "/proc/s.npz"], "not writable")])
+def test_sample_rejects_bad_flags_before_sampling(ckpt, capsys, flags, message):
+    expect_error(capsys, sample.main, ["--ckpt", ckpt, "--out", "", *flags], message)
+
+
+def test_a_reference_dit_state_dict_samples(ckpt, tmp_path, capsys):
+    """A bare DiT state_dict (as DiT-XL-2-256x256.pt) with --model: learned sigma, 4 latent channels."""
+    import race_dit as R
+    model = R.RaceDiT(R.make_config("XS/2", input_size=8, in_channels=4, num_classes=7, learn_sigma=True))
+    torch.save(model.state_dict(), tmp_path / "dit.pt")
+    sample.main(["--ckpt", str(tmp_path / "dit.pt"), "--model", "XS/2", "--steps", "3", "--labels", "0,6",
+                 "--out", str(tmp_path / "g.png")])
+    assert np.load(tmp_path / "g.latents.npy").shape == (2, 4, 8, 8)
+    expect_error(capsys, sample.main, ["--ckpt", str(tmp_path / "dit.pt")], "pass its size")
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate.py
+
+def test_frechet_distance_of_known_gaussians():
+    d, mu = 5, np.arange(5.0)
+    assert evaluate.frechet_distance(mu, np.eye(d), mu, np.eye(d)) == pytest.approx(0, abs=1e-9)
+    # N(mu, I) vs N(0, 4I): |mu|^2 + tr(I + 4I - 2 * 2I) = |mu|^2 + d
+    assert evaluate.frechet_distance(mu, np.eye(d), 0 * mu, 4 * np.eye(d)) == pytest.approx(mu @ mu + d)
+
+
+def separable(n, seed):
+    """Fashion-MNIST-shaped images whose class is their brightness: perfectly separable."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 10
+    return (y[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28))).astype(np.uint8), y
+
+
+def test_evaluator_scores_held_out_real_images_as_perfect(tmp_path):
+    for split, seed in (("train", 0), ("t10k", 1)):
+        write_idx(tmp_path, split, *separable(400, seed))
+    ev = evaluate.Evaluator("fashion-mnist", tmp_path, epochs=8, log=lambda *a: None)
+    assert ev.test_accuracy == 1.0 and list(tmp_path.glob("classifier-*.pt"))
+    held, y = separable(200, 2)
+    scores = ev.score(np.repeat(held[..., None], 3, axis=3), y)          # as sample.py writes grey images
+    assert scores["accuracy"] == 1.0 and scores["n"] == 200
+    wrong = ev.score(np.repeat(held[..., None], 3, axis=3), (y + 1) % 10)
+    assert wrong["accuracy"] == 0.0
+    cached = evaluate.Evaluator("fashion-mnist", tmp_path)                # loaded, not retrained
+    assert cached.score(np.repeat(held[..., None], 3, axis=3), y) == scores
+
+
+def test_evaluate_command_writes_json(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "Evaluator", lambda *a, **k: type("E", (), dict(
+        score=lambda self, images, labels: dict(accuracy=0.5, fd=1.0, n=len(labels))))())
+    evaluate.main(["--ckpt", ckpt, "--per-class", "1", "--steps", "2", "--json", str(tmp_path / "e.json")])
+    scores = json.loads((tmp_path / "e.json").read_text())
+    assert scores["n"] == 10 and scores["step"] == 6 and scores["steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# benchmarks
+
+def test_bench_script_reports_ratios_and_writes_only_where_asked(tmp_path, capsys, monkeypatch):
+    from benchmarks import bench
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--models", "XS/8:dense,XS/8:race:2in8", "--rounds", "1", "--warmup", "0",
+                "--image-size", "16", "--batch-size", "2", "--json", str(tmp_path / "b.json")])
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["XS/8:dense", "XS/8:race:2in8"] and rows[0]["train_ratio"] == 1.0
+    assert rows[1]["activated"] < rows[1]["params"] and rows[1]["train_ms"] > 0
+    assert "XS/8:race:2in8" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["b.json"]
+
+
+def test_a_killed_runs_lock_does_not_block(tmp_path):
+    code = (f"import time, utils\nwith utils.locked({str(tmp_path)!r}):\n"
+            " print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    other = os.open(tmp_path / "LOCK", os.O_RDWR)
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder.kill()                                                         # kill -9 mid-run
+    holder.wait()
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)                    # the kernel released it
+    os.close(other)
+
+
+def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys):
+    from benchmarks import reproduce
+    for split, seed in (("train", 0), ("t10k", 1)):
+        write_idx(tmp_path, split, *separable(300, seed))
+    methods = "dense,race identity,race identity +threshold"
+    argv = ["--quick", "--data-dir", str(tmp_path), "--methods", methods]
+    reproduce.main(argv)
+    out = capsys.readouterr().out
+    assert "race identity +threshold" in out and "heldout_mse" in out and "wrote" in out
+    assert not list(tmp_path.glob("classifier-*"))                       # the smoke run caches nothing
+
+
+def test_gpu_check_runs_its_cpu_parts(tmp_path):
+    from benchmarks import gpu_check
+    result = gpu_check.main(["--tiny", "--json", str(tmp_path / "g.json")])
+    assert result["grouped_vs_loop"]["ok"] and result["grouped_mm_fast_path"] is False
+    assert len(result["bench"]) == 3 and result["largest_xl2_4in32_batch"] == 8
+    assert json.loads((tmp_path / "g.json").read_text())["loss_first_last"] == result["loss_first_last"]
