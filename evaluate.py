@@ -60,13 +60,18 @@ def moments(features):
 
 
 class Evaluator:
+    """A classifier of the data's training split (trained once, cached) and the test split's feature
+    statistics; score(images, labels) -> class accuracy and FD proxy."""
+
     def __init__(self, data, data_dir="data", image_size=32, seed=0, epochs=3, log=print, cache_dir=None):
         require(data in SUPPORTED, f"the evaluator needs one of {', '.join(SUPPORTED)} (a test split), "
                                    f"not {data!r}")
         cache = Path(cache_dir or data_dir) / f"classifier-{data}-{image_size}-seed{seed}.pt"
         test = load_data(data, data_dir, image_size, "test")
         self.channels = test[0][0].shape[0]
-        self.net = Classifier(self.channels, test.num_classes).eval()
+        with torch.random.fork_rng():                                       # the caller's RNG is untouched
+            torch.manual_seed(seed)
+            self.net = Classifier(self.channels, test.num_classes).eval()
         if cache.exists():
             saved = torch.load(cache, map_location="cpu", weights_only=True)
             self.net.load_state_dict(saved["net"])
@@ -77,7 +82,6 @@ class Evaluator:
         train_set = load_data(data, data_dir, image_size, "train")
         x, y = torch.from_numpy(np.array(train_set.x)), torch.from_numpy(train_set.y)
         g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
         self.net.train()
         opt = torch.optim.Adam(self.net.parameters(), lr=2e-3)
         for _ in range(epochs):

@@ -9,6 +9,7 @@ FID, and the routing picture (experts per token by timestep, the paper's Fig. 6)
     python sample.py --ckpt DiT-XL-2-256x256.pt --model XL/2 --labels 207,360,387 --out dit.png
 """
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -94,8 +95,9 @@ def run(args, grid_max=256):
             require(not args.npz, f"--npz of a latent model needs the VAE to decode its samples: {e}")
             print(f"note: {e}; writing latents only. Decode them with diffusers: "
                   f"AutoencoderKL.from_pretrained('{args.vae}').decode(z / {LATENT_SCALE}).sample")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1:  # bounded: a process that died makes the others fail instead of wait forever
+        timeout = datetime.timedelta(minutes=10)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     # --npz: each batch is saved as a part file; a rerun resumes only if the weights (by content), the
     # labels and every setting that changes an image are the same.
     parts = Path(args.npz + ".parts") if args.npz else None

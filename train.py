@@ -16,7 +16,6 @@ import datetime
 import json
 import math
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -28,8 +27,8 @@ import race_dit as R
 from data import BatchOrder, load_data, to_model_input
 from evaluate import SUPPORTED as EVALUATED, Evaluator
 from utils import (CKPT_FORMAT, LATENT_SCALE, Diverged, Parser, UserError, all_finite, atomic_write, generate,
-                   keep_metrics, load_checkpoint, load_vae, locked, plot_losses, require, run_main, save_grid,
-                   to_uint8, use_bf16)
+                   keep_metrics, load_checkpoint, load_vae, locked, peak_memory_gib, plot_losses, require,
+                   run_main, save_grid, to_uint8, use_bf16)
 
 
 def parse_args(argv=None):
@@ -65,7 +64,7 @@ def parse_args(argv=None):
     a("--workers", type=int, default=0, help="data loader workers (image folders, latents)")
     a("--log-every", type=int, default=50)
     a("--save-every", type=int, default=400)
-    a("--sample-every", type=int, default=400, help="sample grid (and evaluation) every N steps; 0: none")
+    a("--sample-every", type=int, default=800, help="sample grid (and evaluation) every N steps; 0: none")
     a("--sample-steps", type=int, default=50, help="sampling steps for grids")
     a("--grid-per-class", type=int, default=20, help="samples per class row of the grid")
     a("--cfg-scale", type=float, default=2.0)
@@ -215,11 +214,9 @@ def train(args):
             R.calibrate_thresholds(ema, diffusion, batches)
         state = [*model.state_dict().values(), *ema.state_dict().values(), *sums.values()]
         if not all_finite(state):
-            kept = "none"
-            if ckpt_path.exists():
-                kept = f"the checkpoint of step {load_checkpoint(ckpt_path)['step']}"
-            raise Diverged(f"non-finite loss or weights by step {step}; nothing saved (last good: {kept}); "
-                           "lower --lr or raise --warmup")
+            last = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else None
+            raise Diverged(f"non-finite loss or weights by step {step}; nothing saved (last checkpoint: step "
+                           f"{last}, intact); lower --lr or raise --warmup")
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if cuda else None)
         rngs = [rng] * world
         if world > 1:
@@ -249,28 +246,19 @@ def train(args):
             dist.all_reduce(vals)
             vals /= world
         vals = dict(zip(names, vals.tolist()))
-        rate = n / seconds
-        if cuda:
-            mem = torch.cuda.max_memory_allocated(device)
-        else:
-            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rate, mem = n / seconds, peak_memory_gib(device)
         eta = int((args.steps - done) / rate)
         log(f"step {done}/{args.steps} | " + " ".join(f"{k} {vals[k]:.4f}" for k in names) +
             f" | {rate:.2f} steps/s {rate * args.batch_size * world:.0f} img/s"
-            f" | peak mem {mem / 2**30:.2f} GiB"
+            f" | peak mem {mem:.2f} GiB"
             f" | eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s", flush=True)
-        record = dict(step=done, **vals, lr=opt.param_groups[0]["lr"], steps_per_s=rate, mem_gib=mem / 2**30)
+        record = dict(step=done, **vals, lr=opt.param_groups[0]["lr"], steps_per_s=rate, mem_gib=mem)
         if aux:
             stats = R.routing_stats(aux, t)
             record.update({k: v for k, v in stats.items() if k != "layers"},
                           load=[layer["load"] for layer in stats["layers"]],
                           threshold=[m.threshold.item() for m in model.moe_layers()])
         return record
-
-    def write(record):
-        if rank == 0:
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
     # ---- training loop ---------------------------------------------------------------------------
     sums, n, tick, started = {}, 0, time.time(), time.time()
@@ -314,7 +302,9 @@ def train(args):
                 if scores:
                     log(f"  samples of step {done}: class accuracy {scores['accuracy']:.3f}, FD proxy "
                         f"{scores['fd']:.2f} (halves {scores['fd_half_a']:.2f} / {scores['fd_half_b']:.2f})")
-            write(record)
+            if rank == 0:
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             sums, n, tick = {}, 0, time.time()
     if rank == 0 and metrics.exists():
         plot_losses(metrics, out / "loss.png")

@@ -55,7 +55,7 @@ def score(ckpt_path, routing, test, evaluator, args):
     R.set_inference_routing(model, routing)
     d = R.Diffusion()
     g = torch.Generator().manual_seed(1234)                               # the same noise for every run
-    x = torch.from_numpy(np.asarray(test.x)).float() / 127.5 - 1
+    x = torch.from_numpy(np.array(test.x)).float() / 127.5 - 1
     y = torch.from_numpy(test.y)
     t, noise = torch.randint(0, 1000, (len(x),), generator=g), torch.randn(x.shape, generator=g)
     mse = sum(d.training_losses(model, xb, yb, t=tb, noise=nb)[0]["mse"].item() * len(xb)
