@@ -530,6 +530,6 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys):
 def test_gpu_check_runs_its_cpu_parts(tmp_path):
     from benchmarks import gpu_check
     result = gpu_check.main(["--tiny", "--json", str(tmp_path / "g.json")])
-    assert result["grouped_vs_loop"]["ok"] and result["grouped_mm_fast_path"] is False
+    assert result["grouped_vs_loop"]["ok"] and result["grouped_mm_chosen"] is True   # CPU: fp32
     assert len(result["bench"]) == 3 and result["largest_xl2_4in32_batch"] == 8
     assert json.loads((tmp_path / "g.json").read_text())["loss_first_last"] == result["loss_first_last"]

@@ -89,7 +89,7 @@ def main(argv=None):
     tick = time.time()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result["grouped_vs_loop"] = grouped_equals_loop(device, dtype)
-    result["grouped_mm_fast_path"] = R.use_grouped_mm(device, torch.bfloat16)
+    result["grouped_mm_chosen"] = R.use_grouped_mm(device, torch.bfloat16)
     try:
         train_steps(name, "2in8", 8, 2, device, size, no_sync_check=True)
         result["sync_free_step"] = device.type == "cuda" or "not checked on CPU"
