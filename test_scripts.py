@@ -131,6 +131,13 @@ def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
+def test_an_error_under_torchrun_names_its_rank(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    argv = [*FAST, "--out", str(tmp_path), "--lr", "0"]
+    expect_error(capsys, train.main, argv, "train.py (rank 1): error:")
+
+
 def test_bad_inputs_and_divergence_keep_the_checkpoint(tmp_path, capsys):
     run_train(tmp_path, "--sample-every", "0")
     before = digest(tmp_path / "ckpt.pt")
