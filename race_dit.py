@@ -230,8 +230,8 @@ class MoE(nn.Module):
         self.capacity, self.decay = cfg.capacity, cfg.threshold_decay
         self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))  # h = GELU(Linear(x))
         self.gate = nn.Linear(D, E)                                                 # scores s = gate(h)
-        # S5 per-layer regularization: predict the diffusion target (epsilon, patchified) from h. The
-        # notes write p*p*C_out; a learned-sigma model has no target for its variance channels, so C.
+        # S5 per-layer regularization: predict the diffusion target (epsilon, patchified) from h; C
+        # channels, not C_out: a learned-sigma model has no target for its variance channels.
         self.plr_head = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
         bound = math.sqrt(6 / (D + H))  # xavier-uniform per expert, like the dense MLP's fc1/fc2
         self.w1 = nn.Parameter(torch.empty(E, D, H).uniform_(-bound, bound))
@@ -280,7 +280,6 @@ class MoE(nn.Module):
         # Group ends per expert, found in the sorted pairs without a host sync.
         ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
         # Dispatch: only the P selected pairs are computed; an expert may get any load, zero included.
-        # index_select, not x[token]: its backward is an index_add, cheaper on a CPU than index_put.
         hid = F.gelu(grouped_matmul(xf.index_select(0, token), self.w1, ends), approximate="tanh")  # (P, H)
         gate = scores.reshape(-1).index_select(0, token * E + expert)                             # (P,)
         out = grouped_matmul(hid, self.w2, ends) * gate.unsqueeze(1)                              # (P, D)
