@@ -203,8 +203,9 @@ def save_grid(images, path, nrow):
 
 
 def line_chart(series, path, title, xlabel, size=(720, 420), pad=56, hline=None, log_y=False,
-               reverse_x=False):
-    """One chart helper for every picture: series = [(x values, y values, RGB colour, width), ...]."""
+               reverse_x=False, legend=()):
+    """One chart helper for every picture: series = [(x values, y values, RGB colour, width), ...];
+    legend = [(label, RGB colour), ...] is written in the top right corner."""
     img = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default(13)
     W, H = size[0] - 2 * pad, size[1] - 2 * pad
@@ -230,6 +231,8 @@ def line_chart(series, path, title, xlabel, size=(720, 420), pad=56, hline=None,
         points = [xy(a, b) for a, b in zip(x, y) if math.isfinite(b)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=width)
+    for i, (label, colour) in enumerate(legend):
+        draw.text((pad + W - 230, pad + 6 + 15 * i), label, fill=colour, font=font)
     draw.text((pad, 18), title, fill="black", font=font)
     draw.text((pad + W // 2 - 30, size[1] - 22), xlabel, fill="black", font=font)
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

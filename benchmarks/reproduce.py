@@ -1,23 +1,27 @@
 """
-Does Expert Race beat dense, token-choice and expert-choice at equal activated compute, and does each
-step of the paper's ablation help? A small, real-data version of Table 6 and Table 3, over seeds.
+The paper's comparisons at small scale, over seeds: does Expert Race beat dense, token-choice and
+expert-choice at equal activated compute (Table 6); does each step of the ablation help (Table 3); does
+PLR help where its motivation applies, in a deep narrow model (S5)?
 
-    python benchmarks/reproduce.py              # every method x --seeds; results in benchmarks/results
+    python benchmarks/reproduce.py              # every method x 3 seeds; results in benchmarks/results
     python benchmarks/reproduce.py --quick      # a smoke run: a few steps each, in a temporary folder
 
-Data: Fashion-MNIST (28x28, 10 classes), patch 4, the XS size (6 layers, 192 wide), MoE 2in8 whose
-activated compute equals the dense MLP's. The same budget (steps, batch, lr) for every run. Per run:
-  - held-out epsilon-MSE on the test split at fixed (noise, timestep) per image;
-  - evaluate.py's class accuracy and FD proxy of 50 samples per class (DDIM, no guidance);
-  - MaxVio and combination usage (Table 2) from the last training logs;
-  - mean experts per token by sampling timestep (Fig. 6).
-Finished runs are skipped and interrupted ones resume (train.py --resume).
+Every run uses train.py's small-scale recipe (built-in 16x16 shapes, XS/4, lr 1e-3, batch 64, EMA),
+the same budget and seeds 0..N-1; every MoE is 2in8 with split 2, so its activated compute equals the
+dense MLP's. Per run: held-out epsilon-MSE on the test split at fixed (noise, timestep) per image;
+evaluate.py's class accuracy and FD proxy of --samples-per-class samples per class (DDIM, guidance 2);
+MaxVio and combination usage (Table 2) from the last training logs; experts per token by sampling
+timestep (Fig. 6); for the deep pair, each block's contribution relative to the residual stream.
+Each claim gets a verdict: a difference larger than 2 standard errors over seeds supports or
+contradicts it, a smaller one cannot resolve it. Finished runs are skipped, interrupted ones resume.
 """
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +31,56 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import race_dit as R  # noqa: E402
 import train  # noqa: E402
-from data import load_data  # noqa: E402
+from data import load_data, to_model_input  # noqa: E402
 from evaluate import Evaluator  # noqa: E402
 from utils import (RoutingStats, atomic_write, generate, line_chart, load_checkpoint, load_model,  # noqa: E402
                    routing_chart, save_grid, to_uint8)
 
-# name -> (train.py flags, inference routing). Main comparison first, then the Table 3 ablation.
 NO_AUX = ["--plr-weight", "0", "--rsl-weight", "0"]
+# name -> (train.py flags, inference routing, training run it shares)
 METHODS = {
-    "dense": (["--routing", "dense"], "threshold"),
+    "dense": (["--routing", "dense"], "threshold", None),
     "token-choice": (["--routing", "token", "--gating", "softmax", "--balance-weight", "0.01", *NO_AUX],
-                     "threshold"),
-    "expert-choice": (["--routing", "expert", "--gating", "softmax", *NO_AUX], "threshold"),
-    "race (full recipe)": (["--routing", "race"], "threshold"),
-    "race softmax": (["--routing", "race", "--gating", "softmax", *NO_AUX], "topk"),
-    "race identity": (["--routing", "race", *NO_AUX], "topk"),
-    "race identity +threshold": (None, "threshold"),                      # same training run, other routing
-    "race +threshold +PLR": (["--routing", "race", "--rsl-weight", "0"], "threshold"),
+                     "threshold", None),
+    "expert-choice": (["--routing", "expert", "--gating", "softmax", *NO_AUX], "threshold", None),
+    "race softmax": (["--gating", "softmax", *NO_AUX], "topk", None),
+    "race identity": (NO_AUX, "topk", None),
+    "race identity +threshold": (NO_AUX, "threshold", "race identity"),
+    "race +threshold +PLR": (["--rsl-weight", "0"], "threshold", None),
+    "race full recipe (+RSL)": ([], "threshold", None),
+    "deep race -PLR": (["--model", "XSD/4", "--plr-weight", "0"], "threshold", None),
+    "deep race +PLR": (["--model", "XSD/4"], "threshold", None),
 }
-SAME_RUN = {"race identity +threshold": "race identity"}
-COLOURS = [(0, 0, 0), (220, 50, 50), (50, 120, 220), (30, 160, 60), (230, 140, 0), (150, 60, 200)]
+# (claim, better method, worse method): the paper says the first beats the second.
+CLAIMS = [("Table 6: race beats token-choice", "race full recipe (+RSL)", "token-choice"),
+          ("Table 6: race beats expert-choice", "race full recipe (+RSL)", "expert-choice"),
+          ("Table 4: race MoE beats dense", "race full recipe (+RSL)", "dense"),
+          ("Table 1/3: identity gating beats softmax", "race identity", "race softmax"),
+          ("Table 3: threshold beats batch top-K at inference", "race identity +threshold", "race identity"),
+          ("Table 3: PLR helps", "race +threshold +PLR", "race identity +threshold"),
+          ("Table 3: RSL helps", "race full recipe (+RSL)", "race +threshold +PLR"),
+          ("S5: PLR helps a deep narrow model", "deep race +PLR", "deep race -PLR")]
+METRICS = {"accuracy": 1, "fd": -1, "heldout_mse": -1}                  # +1: higher is better
+COLOURS = [(0, 0, 0), (220, 50, 50), (50, 120, 220), (30, 160, 60), (230, 140, 0), (150, 60, 200),
+           (0, 170, 170), (120, 120, 120), (200, 0, 120), (90, 60, 20)]
+
+
+@torch.no_grad()
+def block_contributions(model, x0, y, d):
+    """||block(x) - x|| / ||x|| per block, averaged over images at random t: how much each layer
+    changes the residual stream (the quantity behind the paper's Fig. 5)."""
+    ratios = []
+
+    def measure(block, inputs, outputs):                                # inputs (x, c), outputs (x', info)
+        x, new = inputs[0], outputs[0]
+        ratios.append(((new - x).norm(dim=(1, 2)) / x.norm(dim=(1, 2))).mean().item())
+    hooks = [block.register_forward_hook(measure) for block in model.blocks]
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 1000, (len(x0),), generator=g)
+    model(d.q_sample(x0, t, torch.randn(x0.shape, generator=g)), t, y)
+    for h in hooks:
+        h.remove()
+    return ratios
 
 
 @torch.no_grad()
@@ -63,11 +97,12 @@ def score(ckpt_path, routing, test, evaluator, args):
     labels = torch.arange(10).repeat_interleave(args.samples_per_class)
     stats = RoutingStats()
     images = np.concatenate([
-        to_uint8(generate(model, d, labels[i:i + 250], i, 0, args.sample_steps, 1.0, True, "ddim", stats))
+        to_uint8(generate(model, d, labels[i:i + 250], i, 0, args.sample_steps, 2.0, True, "ddim", stats))
         for i in range(0, len(labels), 250)])
     records = [json.loads(line) for line in open(Path(ckpt_path).parent / "metrics.jsonl")]
     out = dict(heldout_mse=mse / len(x), steps=ckpt["step"], routing=routing,
-               curve=[(r["step"], r["mse"]) for r in records], **evaluator.score(images, labels.numpy()))
+               curve=[(r["step"], r["mse"]) for r in records], **evaluator.score(images, labels.numpy()),
+               contributions=block_contributions(model, to_model_input(x[:256], test), y[:256], d))
     if stats.sums:
         out.update(stats.result(), max_vio=float(np.mean([r["max_vio"] for r in records[-5:]])),
                    comb_usage=float(np.mean([r["comb_usage"] for r in records[-5:]])))
@@ -75,15 +110,54 @@ def score(ckpt_path, routing, test, evaluator, args):
     return out, grid
 
 
+def verdicts(results, names, seeds):
+    """Mean ± std per method and metric, and for each claim whether the seeds resolve it."""
+    table, claims = {}, []
+    for name in names:
+        rows = [results[f"{name} / seed {s}"] for s in range(seeds)]
+        table[name] = {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows], ddof=1))
+                           if seeds > 1 else 0.0) for k in METRICS}
+    for claim, a, b in CLAIMS:
+        if a not in table or b not in table:
+            continue
+        said = {}
+        for k, sign in METRICS.items():
+            (ma, sa), (mb, sb) = table[a][k], table[b][k]
+            se = math.sqrt((sa ** 2 + sb ** 2) / seeds)
+            diff = sign * (ma - mb)                                     # > 0: as the paper says
+            said[k] = "cannot resolve" if abs(diff) <= 2 * se else "supports" if diff > 0 else "contradicts"
+        claims.append(dict(claim=claim, better=a, worse=b, **said))
+    return table, claims
+
+
+def charts(results, names, seeds, out):
+    curves = lambda n: [[v for _, v in results[f"{n} / seed {s}"]["curve"]] for s in range(seeds)]
+    steps = [s for s, _ in results[f"{names[0]} / seed 0"]["curve"]]
+    series = [(steps, list(np.mean(curves(n), 0)), COLOURS[i % 10], 2) for i, n in enumerate(names)]
+    series += [(steps, c, COLOURS[i % 10], 1) for i, n in enumerate(names) for c in curves(n)]  # each seed
+    line_chart(series, out / "loss_curves.png", "training epsilon-MSE: mean over seeds (thick), each seed",
+               "step", log_y=True, size=(900, 480), legend=[(n, c) for n, (*_, c, _) in zip(names, series)])
+    race = results.get("race full recipe (+RSL) / seed 0", {})
+    if "per_layer" in race:
+        routing_chart(race, out / "experts_by_timestep.png", 2)
+    pair = [n for n in ("deep race -PLR", "deep race +PLR") if f"{n} / seed 0" in results]
+    if pair:
+        series = [(list(range(1, 1 + len(results[f"{n} / seed {s}"]["contributions"]))),
+                   results[f"{n} / seed {s}"]["contributions"], COLOURS[1 + i], 2 if s == 0 else 1)
+                  for i, n in enumerate(pair) for s in range(seeds)]
+        line_chart(series, out / "plr_contributions.png", "||block(x) - x|| / ||x|| by depth (thick: seed 0)",
+                   "block", log_y=True, legend=[(n, COLOURS[1 + i]) for i, n in enumerate(pair)])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--samples-per-class", type=int, default=50)
+    p.add_argument("--samples-per-class", type=int, default=30)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the scored samples")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
+    p.add_argument("--data", default="shapes", help="shapes or fashion-mnist (with --image-size 28)")
+    p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--runs", default=str(ROOT / "benchmarks" / "runs"), help="checkpoints (not committed)")
     p.add_argument("--data-dir", default=str(ROOT / "data"))
@@ -91,49 +165,45 @@ def main(argv=None):
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp()) if args.quick else None
     if args.quick:
-        args.steps, args.batch_size, args.samples_per_class, args.sample_steps, args.seeds = 4, 16, 2, 3, 1
+        args.steps, args.samples_per_class, args.sample_steps, args.seeds = 4, 2, 3, 2
         args.out, args.runs = str(tmp / "results"), str(tmp / "runs")
-    out, runs = Path(args.out), Path(args.runs)
+    out, runs, tick = Path(args.out), Path(args.runs), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    test = load_data("fashion-mnist", args.data_dir, split="test")
+    test = load_data(args.data, args.data_dir, args.image_size, "test")
     if args.quick:
         test.x, test.y = test.x[:200], test.y[:200]
-    evaluator = Evaluator("fashion-mnist", args.data_dir, epochs=1 if args.quick else 3, cache_dir=tmp)
+    epochs = 1 if args.quick else 3
+    evaluator = Evaluator(args.data, args.data_dir, args.image_size, epochs=epochs, cache_dir=tmp)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results["_setup"] = {k: v for k, v in vars(args).items() if k not in ("out", "runs", "data_dir")}
-    for name in args.methods.split(","):
-        flags, routing = METHODS[name]
-        flags = flags or METHODS[SAME_RUN[name]][0]
+    names = args.methods.split(",")
+    for name in names:
+        flags, routing, shared = METHODS[name]
         for seed in range(args.seeds):
-            key = f"{name} / seed {seed}"
-            run = runs / f"{SAME_RUN.get(name, name).replace(' ', '_').strip('()')}_seed{seed}"
+            key, run = f"{name} / seed {seed}", runs / f"{(shared or name).replace(' ', '_')}_seed{seed}"
             if results.get(key, {}).get("steps") == args.steps:
                 continue
-            done = (run / "ckpt.pt").exists() and load_checkpoint(run / "ckpt.pt")["step"] >= args.steps
-            if not done:
+            if not ((run / "ckpt.pt").exists() and load_checkpoint(run / "ckpt.pt")["step"] >= args.steps):
                 every = dict(log=max(args.steps // 50, 1), save=max(args.steps // 4, 1))
-                train.main(["--data", "fashion-mnist", "--data-dir", args.data_dir, "--model", "XS/4",
-                            "--experts", "2in8", "--steps", str(args.steps), "--lr", str(args.lr),
-                            "--batch-size", str(args.batch_size), "--seed", str(seed), "--sample-every", "0",
+                size = str(args.image_size)
+                train.main(["--data", args.data, "--data-dir", args.data_dir, "--image-size", size,
+                            "--steps", str(args.steps), "--seed", str(seed), "--sample-every", "0",
                             "--log-every", str(every["log"]), "--save-every", str(every["save"]),
                             "--out", str(run), *(["--resume"] if (run / "ckpt.pt").exists() else []), *flags])
             results[key], grid = score(run / "ckpt.pt", routing, test, evaluator, args)
             if seed == 0:
-                save_grid(grid, out / f"grid_{run.name}{'_topk' if routing == 'topk' else ''}.png", nrow=10)
+                save_grid(grid, out / f"grid_{name.replace(' ', '_')}.png", nrow=10)
             atomic_write(results_path, lambda tmp_path: tmp_path.write_text(json.dumps(results, indent=1)))
-        rows = [results[f"{name} / seed {s}"] for s in range(args.seeds)]
-        summary = {k: (np.mean([r[k] for r in rows]), np.std([r[k] for r in rows]))
-                   for k in ("heldout_mse", "accuracy", "fd")}
-        print(f"{name:26s} " + "  ".join(f"{k} {m:.4f} ± {s:.4f}" for k, (m, s) in summary.items()))
-    names = [n for n in args.methods.split(",") if n not in SAME_RUN]
-    curves = [results[f"{n} / seed 0"]["curve"] for n in names]
-    series = [([s for s, _ in c], [v for _, v in c], COLOURS[i % 6], 2) for i, c in enumerate(curves)]
-    line_chart(series, out / "loss_curves.png", "training epsilon-MSE, seed 0", "step", log_y=True)
-    race = results.get("race (full recipe) / seed 0", {})
-    if "per_layer" in race:
-        routing_chart(race, out / "experts_by_timestep.png", 2)
-    print(f"wrote {results_path} and charts in {out}")
+    table, claims = verdicts(results, names, args.seeds)
+    summary = dict(setup={k: v for k, v in vars(args).items() if k not in ("out", "runs", "data_dir")},
+                   seconds=time.time() - tick, table=table, claims=claims)
+    atomic_write(out / "summary.json", lambda tmp_path: tmp_path.write_text(json.dumps(summary, indent=1)))
+    for name, row in table.items():
+        print(f"{name:28s} " + "  ".join(f"{k} {m:.4f} ± {s:.4f}" for k, (m, s) in row.items()))
+    for c in claims:
+        print(f"{c['claim']}: accuracy {c['accuracy']}, FD {c['fd']}, held-out MSE {c['heldout_mse']}")
+    charts(results, names, args.seeds, out)
+    print(f"wrote {results_path}, {out / 'summary.json'} and charts in {out} ({time.time() - tick:.0f} s)")
     if tmp is not None:
         shutil.rmtree(tmp)
 
