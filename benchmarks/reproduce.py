@@ -151,9 +151,9 @@ def charts(results, names, seeds, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--samples-per-class", type=int, default=30)
+    p.add_argument("--samples-per-class", type=int, default=20)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the scored samples")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
     p.add_argument("--data", default="shapes", help="shapes or fashion-mnist (with --image-size 28)")
