@@ -279,9 +279,7 @@ def train(args):
             dist.all_reduce(mean)
             torch._foreach_copy_(thresholds, list((mean / world).unbind()))
         decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up, so short runs have a useful EMA
-        torch._foreach_lerp_(ema_params, params, 1 - decay)
-        for be, b in zip(ema.buffers(), model.buffers()):  # thresholds: calibrated again before use
-            be.copy_(b)
+        torch._foreach_lerp_(ema_params, params, 1 - decay)  # its thresholds are calibrated when used (S4)
         sums = {k: sums.get(k, 0) + v for k, v in losses.items()}
         n, done = n + 1, step + 1
 
