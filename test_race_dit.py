@@ -233,13 +233,45 @@ def test_grouped_gemm_path_equals_loop_path():
 # ---------------------------------------------------------------------------------------------------
 # Inference threshold (S4)
 
-def test_threshold_is_ema_of_cutoff():
-    layer = R.MoE(tiny("race", "2in8", threshold_decay=0.9))
-    cuts = [layer(torch.randn(2, 16, 32))[1]["cutoff"] for _ in range(3)]
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_threshold_is_ema_of_cutoff_updated_once_per_training_step(checkpointing):
+    cfg = tiny("race", "2in8", threshold_decay=0.9)
+    model, diffusion = randomize_zero_init(R.RaceDiT(cfg)), R.Diffusion()
+    model.grad_checkpointing = checkpointing       # backward recomputes each block: no second update
+    cuts = []
+    for seed in range(3):
+        x0, _, y = batch(cfg, seed=seed)
+        losses, aux = diffusion.training_losses(model, x0, y)
+        losses["loss"].backward()
+        cuts.append(torch.stack([a["cutoff"] for a in aux]))           # (layers,)
     want = cuts[0]
     for c in cuts[1:]:
         want = 0.9 * want + 0.1 * c
-    torch.testing.assert_close(layer.threshold, want.float())
+    torch.testing.assert_close(torch.stack([m.threshold for m in model.moe_layers()]), want.float())
+    assert all(m.threshold_updates == 3 for m in model.moe_layers())
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients_and_saves_less():
+    cfg = tiny("race", "2in8", learn_sigma=True)
+    diffusion, x0, _, y = R.Diffusion(), *batch(cfg)
+    t, noise = torch.randint(0, 1000, (4,), generator=torch.Generator().manual_seed(1)), torch.randn_like(x0)
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)                                            # weights and label dropout
+        model = randomize_zero_init(R.RaceDiT(cfg))
+        model.grad_checkpointing = checkpointing
+        saved = []
+        def pack(v, saved=saved):
+            saved.append(v.nbytes)
+            return v
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+            losses, _ = diffusion.training_losses(model, x0, y, t=t, noise=noise)
+        losses["loss"].backward()
+        runs.append((losses, [p.grad for p in model.parameters() if p.requires_grad], sum(saved)))
+    (l0, g0, s0), (l1, g1, s1) = runs
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g0, rtol=0, atol=0)
+    assert s1 < s0 / 2, (s1, s0)
 
 
 def test_eval_threshold_routing_is_batch_invariant_and_topk_is_not():

@@ -1,5 +1,6 @@
 """End-to-end tests of the scripts (train.py, sample.py, evaluate.py, extract_latents.py, benchmarks) and
 of the data and file helpers they share, on tiny inputs the tests create. CPU only, no network."""
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -89,8 +90,9 @@ def test_gradient_accumulation_equals_one_big_batch_for_a_dense_model():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_accumulated_race_runs_one_race_per_micro_batch(tmp_path):
-    run_train(tmp_path, "--grad-accum", "2", "--sample-every", "0")
+@pytest.mark.parametrize("extra", [[], ["--grad-checkpoint"]])
+def test_accumulated_race_runs_one_race_per_micro_batch(tmp_path, extra):
+    run_train(tmp_path, "--grad-accum", "2", "--sample-every", "0", *extra)
     ckpt = utils.load_checkpoint(tmp_path / "ckpt.pt")
     updates = [v for k, v in ckpt["model"].items() if k.endswith("threshold_updates")]
     assert len(updates) == 6 and all(u == 4 * 2 for u in updates)         # 4 steps x 2 races each
@@ -529,9 +531,27 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Table 3: threshold beats batch top-K at inference: accuracy" in out and "wrote" in out
     assert not list(tmp_path.glob("classifier-*"))                       # the smoke run caches nothing
+
+
+def test_bench_memory_estimate_equals_a_direct_measurement_of_the_full_model():
+    from benchmarks import bench
+    args, cpu = argparse.Namespace(image_size=16, channels=4, num_classes=1000), torch.device("cpu")
+    [row] = bench.memory(["XS/8:race:2in8"], args, cpu, batch=4)         # fitted on depths 1 and 2
+    torch.manual_seed(0)
+    model = bench.build("XS/8:race:2in8", args, cpu, learn_sigma=True)     # depth 6
+    params = sum(p.numel() for p in model.parameters())
+    assert row["params"] == params
+    assert row["batch_gib"] * 2**30 == pytest.approx(20 * params + bench.saved_bytes(model, args, 4, cpu))
+    model.grad_checkpointing = True
+    per_image = (bench.saved_bytes(model, args, 3, cpu) - bench.saved_bytes(model, args, 1, cpu)) / 2
+    assert row["mib_per_image_ckpt"] * 2**20 == pytest.approx(per_image)
+    assert row["mib_per_image_ckpt"] < row["mib_per_image"] / 3
+
+
 def test_gpu_check_runs_its_cpu_parts(tmp_path):
     from benchmarks import gpu_check
     result = gpu_check.main(["--tiny", "--json", str(tmp_path / "g.json")])
     assert result["grouped_vs_loop"]["ok"] and result["grouped_mm_chosen"] is True   # CPU: fp32
     assert len(result["bench"]) == 3 and result["largest_xl2_4in32_batch"] == 8
+    assert result["largest_xl2_4in32_batch_ckpt"] == 16
     assert json.loads((tmp_path / "g.json").read_text())["loss_first_last"] == result["loss_first_last"]

@@ -53,6 +53,8 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=100, help="linear learning-rate warm-up steps (paper: 0)")
     a("--batch-size", type=int, default=64, help="per process and micro-batch (paper: 256 or 1024 in all)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--grad-checkpoint", action="store_true",
+      help="activation checkpointing: backward recomputes each block (~1/3 more compute, far less memory)")
     a("--steps", type=int, default=1600)
     a("--ema-decay", type=float, default=0.999, help="weight EMA (paper: 0.9999)")
     a("--seed", type=int, default=0)
@@ -171,6 +173,7 @@ def train(args):
     # ---- model, EMA copy, optimizer; exact resume ----------------------------------------------
     torch.manual_seed(args.seed * 1000 + rank)
     model = R.RaceDiT(cfg).to(device)
+    model.grad_checkpointing = args.grad_checkpoint
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
     start = 0

@@ -26,11 +26,75 @@ from utils import atomic_write, use_bf16  # noqa: E402
 DEFAULT = "S/2:dense,S/2:race:2in8,S/2:race:4in16,S/2:race:8in32,S/2:token:2in8,S/2:expert:2in8"
 
 
-def build(spec, args, device):
+def build(spec, args, device, **kw):
     name, routing, *experts = spec.split(":")
     cfg = R.make_config(name, experts[0] if experts else None, routing=routing, input_size=args.image_size,
-                        in_channels=args.channels, num_classes=args.num_classes)
+                        in_channels=args.channels, num_classes=args.num_classes, **kw)
     return R.RaceDiT(cfg).to(device)
+
+
+def saved_bytes(model, args, batch, device):
+    """Bytes of the distinct storages that one bf16 training forward keeps for backward: the activations
+    and the bf16 weight copies that autocast makes."""
+    seen = {}
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    S = args.image_size
+    x0 = torch.randn(batch, args.channels, S, S, device=device)
+    y = torch.randint(0, args.num_classes, (batch,), device=device)
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with torch.autocast(device.type, torch.bfloat16), hooks:
+        R.Diffusion().training_losses(model, x0, y)
+    return sum(seen.values())
+
+
+def saved_bytes_model(spec, args, device, checkpointing):
+    """Blocks are identical and activations grow linearly with the batch, so the bytes saved at depth d and
+    batch b are a + b*x + d*(w + b*z); four small forwards (d, b in {1, 2}) fit it exactly. Returns the
+    full depth's (fixed bytes, bytes per image) and one block's (w, z)."""
+    m = {}
+    for d in (1, 2):
+        model = build(spec, args, device, learn_sigma=True, depth=d)
+        model.grad_checkpointing = checkpointing
+        m[d] = [saved_bytes(model, args, b, device) for b in (1, 2)]
+    z = m[2][1] - m[2][0] - m[1][1] + m[1][0]                            # per block and image
+    x, w = m[1][1] - m[1][0] - z, m[2][0] - m[1][0] - z                   # per image outside; per block
+    depth = R.make_config(spec.split(":")[0]).depth
+    return m[1][0] - x - w - z + depth * w, x + depth * z, (w, z)
+
+
+def memory(specs, args, device, gpus=(80, 141), batch=256):
+    """GPU training memory in bf16, estimated on any device without building the full model: 20 bytes per
+    parameter (fp32 weight, gradient, AdamW's two moments and the EMA copy, all on the GPU) plus the bytes
+    saved for backward. With activation checkpointing the blocks keep only their inputs and backward holds
+    one recomputed block. Allocator slack and backward's transient gradients come on top: lower bounds."""
+    print(f"bf16 training memory (learned sigma, {args.channels}x{args.image_size}x{args.image_size}) from "
+          f"bytes saved for backward on {device}; 'ckpt': with --grad-checkpoint")
+    print(f"{'model':18s} {'params':>7s} {'state GiB':>9s} {'MiB/img':>8s} {'ckpt':>6s} "
+          f"{f'b={batch} GiB':>10s} {'ckpt':>6s} " + " ".join(f"{f'max b {g}G':>9s} {'ckpt':>5s}"
+                                                             for g in gpus))
+    rows = []
+    for spec in specs:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build(spec, args, "meta", learn_sigma=True).parameters())
+        plain, ckpt = (saved_bytes_model(spec, args, device, c) for c in (False, True))
+        w, z = plain[2]                                                   # the block backward recomputes
+        lines = {False: plain[:2], True: (ckpt[0] + w, ckpt[1] + z)}      # (fixed, per image) bytes
+        gib = {(b, c): (20 * params + lines[c][0] + b * lines[c][1]) / 2**30
+               for b in [batch] + [2**i for i in range(14)] for c in (False, True)}
+        largest = {(g, c): max([b for b in (2**i for i in range(14)) if gib[b, c] <= 0.9 * g] or [0])
+                   for g in gpus for c in (False, True)}
+        row = dict(model=spec, params=params, state_gib=20 * params / 2**30,
+                   mib_per_image=plain[1] / 2**20, mib_per_image_ckpt=ckpt[1] / 2**20,
+                   batch_gib=gib[batch, False], batch_gib_ckpt=gib[batch, True],
+                   largest_micro_batch={f"{g}GiB{'_ckpt' if c else ''}": v for (g, c), v in largest.items()})
+        rows.append(row)
+        print(f"{spec:18s} {params / 1e9:6.2f}B {row['state_gib']:9.1f} {row['mib_per_image']:8.1f} "
+              f"{row['mib_per_image_ckpt']:6.1f} {row['batch_gib']:10.1f} {row['batch_gib_ckpt']:6.1f} "
+              + " ".join(f"{largest[g, False]:9d} {largest[g, True]:5d}" for g in gpus))
+    print("max b: the largest power-of-two micro-batch within 90% of an 80 / 141 GiB GPU")
+    return rows
 
 
 def sync(device):
@@ -50,9 +114,15 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    p.add_argument("--memory", action="store_true", help="estimate GPU training memory instead of timing")
     p.add_argument("--json", help="also write the results here (e.g. benchmarks/bench.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.memory:
+        rows = memory(args.models.split(","), args, device)
+        if args.json:
+            atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(dict(memory=rows), indent=1)))
+        return
     bf16 = use_bf16(args.precision, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)

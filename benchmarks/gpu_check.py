@@ -4,10 +4,10 @@ One command for whoever has a GPU for a few minutes (about 5 minutes on one H100
     python benchmarks/gpu_check.py --json benchmarks/gpu_check.json
 
 1. grouped GEMM vs the loop over experts in bf16, forward and backward, with an expert that gets no rows;
-2. one training step under torch.cuda.set_sync_debug_mode("error"): no host synchronisation;
+2. a training step under torch.cuda.set_sync_debug_mode("error"), with and without --grad-checkpoint;
 3. 50 bf16 training steps of B/2-2in8 on synthetic latents: the loss must fall;
 4. bench.py: B/2 dense vs race vs token at batch 256 (images/s, peak memory);
-5. the largest XL/2-4in32 micro-batch that fits for a training step.
+5. the largest XL/2-4in32 micro-batch that fits for a training step, without and with --grad-checkpoint.
 `--tiny` runs the same checks on tiny sizes (on CPU, the sync check is skipped): the test suite does.
 """
 import argparse
@@ -39,9 +39,10 @@ def grouped_equals_loop(device, dtype):
     return dict(max_relative_error=max(errors), ok=max(errors) < 2e-2)
 
 
-def train_steps(name, experts, batch, steps, device, size, no_sync_check=False):
+def train_steps(name, experts, batch, steps, device, size, no_sync_check=False, checkpointing=False):
     cfg = R.make_config(name, experts, input_size=size, in_channels=4)
     model = R.RaceDiT(cfg).to(device)
+    model.grad_checkpointing = checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     d = R.Diffusion()
     g = torch.Generator(device=device).manual_seed(0)
@@ -62,12 +63,12 @@ def train_steps(name, experts, batch, steps, device, size, no_sync_check=False):
     return [v.item() for v in losses]
 
 
-def largest_batch(name, experts, device, size, start=8, limit=4096):
+def largest_batch(name, experts, device, size, start=8, limit=4096, checkpointing=False):
     """Doubles the micro-batch until a training step runs out of memory."""
     best, batch = 0, start
     while batch <= limit:
         try:
-            train_steps(name, experts, batch, 1, device, size)
+            train_steps(name, experts, batch, 1, device, size, checkpointing=checkpointing)
             best, batch = batch, batch * 2
         except torch.OutOfMemoryError:
             break
@@ -91,7 +92,8 @@ def main(argv=None):
     result["grouped_vs_loop"] = grouped_equals_loop(device, dtype)
     result["grouped_mm_chosen"] = R.use_grouped_mm(device, torch.bfloat16)
     try:
-        train_steps(name, "2in8", 8, 2, device, size, no_sync_check=True)
+        for checkpointing in (False, True):
+            train_steps(name, "2in8", 8, 2, device, size, no_sync_check=True, checkpointing=checkpointing)
         result["sync_free_step"] = device.type == "cuda" or "not checked on CPU"
     except RuntimeError as e:
         result["sync_free_step"] = f"failed: {str(e).splitlines()[0]}"
@@ -107,6 +109,8 @@ def main(argv=None):
     bench_json.unlink()
     limit = 8 if args.tiny else 4096
     result["largest_xl2_4in32_batch"] = largest_batch(big, "4in32", device, size, limit=limit)
+    result["largest_xl2_4in32_batch_ckpt"] = largest_batch(big, "4in32", device, size, limit=2 * limit,
+                                                           checkpointing=True)
     result["seconds"] = time.time() - tick
     print(json.dumps({k: v for k, v in result.items() if k != "bench"}, indent=1))
     if args.json:
