@@ -230,6 +230,29 @@ def test_grouped_gemm_path_equals_loop_path():
         torch.testing.assert_close(u, v)
 
 
+@pytest.mark.parametrize("routing", ["race", "token", "expert"])
+def test_a_training_step_reads_no_tensor_back_to_the_host(routing, monkeypatch):
+    """The CPU stand-in for torch.cuda.set_sync_debug_mode("error") (gpu_check.py runs that on a GPU):
+    forward and backward of a training step, with and without checkpointing, never read a tensor's value
+    into Python; the loop over experts does (its group sizes), which is why the GPU chooser avoids it."""
+    cfg = tiny(routing, "2in8", learn_sigma=True)
+    model, diffusion, (x0, _, y) = R.RaceDiT(cfg), R.Diffusion(), batch(cfg)
+    diffusion.training_losses(model, x0, y)                              # moves the schedule to the device
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+    for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__",
+                 "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        losses, _ = diffusion.training_losses(model, x0, y)
+        losses["loss"].backward()
+    monkeypatch.setattr(R, "use_grouped_mm", lambda *args: False)
+    with pytest.raises(AssertionError, match="read on the host"):
+        diffusion.training_losses(model, x0, y)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Inference threshold (S4)
 
