@@ -553,5 +553,5 @@ def test_gpu_check_runs_its_cpu_parts(tmp_path):
     result = gpu_check.main(["--tiny", "--json", str(tmp_path / "g.json")])
     assert result["grouped_vs_loop"]["ok"] and result["grouped_mm_chosen"] is True   # CPU: fp32
     assert len(result["bench"]) == 3 and result["largest_xl2_4in32_batch"] == 8
-    assert result["largest_xl2_4in32_batch_ckpt"] == 16
+    assert result["largest_xl2_4in32_batch_ckpt"] == 16 and result["memory_estimate"][0]["mib_per_image"] > 0
     assert json.loads((tmp_path / "g.json").read_text())["loss_first_last"] == result["loss_first_last"]

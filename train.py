@@ -4,7 +4,7 @@ Train Race-DiT (or a dense / token-choice / expert-choice baseline) on one devic
     python train.py                      # built-in shapes, a few minutes on a laptop CPU
     python train.py --data cifar10 --model S/2 --experts 2in8 --batch-size 128 --steps 100000
     torchrun --nproc_per_node 8 train.py --data latents --data-dir latents --model XL/2 --experts 4in32 \\
-        --lr 1e-4 --warmup 0 --batch-size 128 --ema-decay 0.9999 --steps 1700000
+        --lr 1e-4 --warmup 0 --batch-size 128 --grad-checkpoint --ema-decay 0.9999 --steps 1700000
 
 The defaults are a small-scale recipe for CPU runs; README.md gives the paper's (DiT's) settings.
 """
