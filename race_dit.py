@@ -343,7 +343,8 @@ class RaceDiT(nn.Module):
     """DiT (S1) whose block MLPs are MoE layers unless cfg.routing == "dense".
 
     model(x (B, C, H, W), t (B,), y (B,)) -> prediction (B, C_out, H, W);
-    with return_aux=True also the list of per-layer MoE infos (empty for a dense model)."""
+    with return_aux=True also the list of per-layer MoE infos (empty for a dense model).
+    A training forward also moves each race layer's inference threshold (S4) toward its cutoff."""
 
     def __init__(self, cfg: Config):
         super().__init__()
