@@ -211,9 +211,28 @@ def test_grouped_mm_only_where_it_has_its_fast_path():
     assert R.use_grouped_mm(cuda, bf16, capability=(9, 0))
     assert R.use_grouped_mm(cuda, bf16, capability=(10, 0))
     assert R.use_grouped_mm(cpu, torch.float32) and R.use_grouped_mm(cpu, bf16)
+    assert R.use_grouped_mm(cpu, bf16, compiling=True)
+    assert not R.use_grouped_mm(cpu, torch.float32, compiling=True)       # torch.compile: bf16 only
     for device, dtype, cap in [(cuda, bf16, (8, 0)), (cuda, bf16, (12, 0)), (cuda, torch.float32, (9, 0)),
                                (cpu, torch.float64, None)]:
         assert not R.use_grouped_mm(device, dtype, capability=cap), (device, dtype, cap)
+
+
+def test_compiled_training_step_equals_eager():
+    """torch.compile traces with shape functions (aot_eager: the tracing of train.py --compile without
+    code generation); in fp32 on a CPU the experts run as the loop: grouped_mm's accepts bf16 only."""
+    cfg = tiny("race", "2in8", learn_sigma=True)
+    diffusion, (x0, _, y) = R.Diffusion(), batch(cfg)
+    t, noise = torch.randint(0, 1000, (4,), generator=torch.Generator().manual_seed(1)), torch.randn_like(x0)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = randomize_zero_init(R.RaceDiT(cfg))
+        net = torch.compile(model, backend="aot_eager") if compiled else model
+        losses, _ = diffusion.training_losses(net, x0, y, t=t, noise=noise)
+        losses["loss"].backward()
+        runs.append((losses, [p.grad for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(runs[1], runs[0])
 
 
 def test_grouped_gemm_path_equals_loop_path():
