@@ -62,7 +62,7 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    a("--compile", action="store_true")
+    a("--compile", action="store_true", help="torch.compile the model (for GPUs; no gain on a CPU)")
     a("--workers", type=int, default=0, help="data loader workers (image folders, latents)")
     a("--log-every", type=int, default=50)
     a("--save-every", type=int, default=400)
