@@ -533,6 +533,21 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys):
     assert not list(tmp_path.glob("classifier-*"))                       # the smoke run caches nothing
 
 
+@pytest.mark.parametrize("script, argv, msg", [
+    ("bench", ["--models", "S/2"], "expected SIZE/PATCH:ROUTING"),
+    ("bench", ["--models", "S/2:dense,XX/2:race"], "unknown model 'XX/2'"),
+    ("bench", ["--memory", "--models", "S/2:race:9in8"], "top-k must be between 1 and the number of experts"),
+    ("bench", ["--rounds", "0"], "must be positive"),
+    ("reproduce", ["--methods", "dense,nonsense"], "unknown --methods 'nonsense'"),
+    ("reproduce", ["--seeds", "1"], "--seeds at least 2")])
+def test_benchmarks_refuse_bad_input_in_one_line(script, argv, msg, capsys):
+    from benchmarks import bench, reproduce
+    with pytest.raises(SystemExit) as e:
+        {"bench": bench, "reproduce": reproduce}[script].main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith(f"{script}.py: error:") and msg in err
+
+
 def test_bench_memory_estimate_equals_a_direct_measurement_of_the_full_model():
     from benchmarks import bench
     args, cpu = argparse.Namespace(image_size=16, channels=4, num_classes=1000), torch.device("cpu")

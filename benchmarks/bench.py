@@ -103,7 +103,8 @@ def sync(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT,
                    help="comma list of SIZE/PATCH:ROUTING[:KinE]; the first is the baseline")
     p.add_argument("--batch-size", type=int, default=8)
@@ -117,6 +118,15 @@ def main(argv=None):
     p.add_argument("--memory", action="store_true", help="estimate GPU training memory instead of timing")
     p.add_argument("--json", help="also write the results here (e.g. benchmarks/bench.json)")
     args = p.parse_args(argv)
+    for spec in args.models.split(","):
+        if ":" not in spec:
+            p.error(f"--models {spec!r}: expected SIZE/PATCH:ROUTING[:KinE], e.g. B/2:race:2in8")
+        try:
+            build(spec, args, "meta")
+        except ValueError as e:
+            p.error(f"--models {spec!r}: {e}")
+    if min(args.batch_size, args.rounds, args.image_size) < 1 or args.warmup < 0:
+        p.error("--batch-size, --rounds and --image-size must be positive, --warmup zero or positive")
     device = torch.device(args.device)
     if args.memory:
         rows = memory(args.models.split(","), args, device)

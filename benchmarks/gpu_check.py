@@ -85,7 +85,8 @@ def largest_batch(model, opt, start=8, limit=4096):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny sizes, for a CPU smoke test")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)

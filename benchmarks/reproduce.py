@@ -150,7 +150,8 @@ def charts(results, names, seeds, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples-per-class", type=int, default=20)
@@ -163,6 +164,12 @@ def main(argv=None):
     p.add_argument("--data-dir", default=str(ROOT / "data"))
     p.add_argument("--quick", action="store_true", help="smoke test, temporary files")
     args = p.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        p.error(f"unknown --methods {', '.join(map(repr, unknown))}; choose from: {', '.join(METHODS)}")
+    if min(args.steps, args.samples_per_class, args.sample_steps) < 1 or args.seeds < 2:
+        p.error("--steps, --samples-per-class and --sample-steps must be positive, --seeds at least 2 "
+                "(a verdict needs a standard deviation)")
     tmp = Path(tempfile.mkdtemp()) if args.quick else None
     if args.quick:
         args.steps, args.samples_per_class, args.sample_steps, args.seeds = 4, 2, 3, 2
