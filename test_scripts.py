@@ -176,9 +176,10 @@ def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, capsys):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
-def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--grad-accum", "2", "--grad-checkpoint"]])
+def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path, extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train.py", *FAST, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path)]
+           "train.py", *FAST, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
