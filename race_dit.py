@@ -394,7 +394,9 @@ class RaceDiT(nn.Module):
             else:
                 h, info = block(h, c)
             if info is not None:
-                if self.training and info["cutoff"] is not None:  # here: a recomputed block must not count
+                # S4 threshold EMA, here rather than in the MoE: a block recomputed for backward must not
+                # update it a second time.
+                if self.training and info["cutoff"] is not None:
                     block.mlp.update_threshold(info["cutoff"].detach().float())
                 if "plr" in info:  # S5 predictions in image layout, like the diffusion target
                     info["plr"] = unpatchify(info["plr"], self.cfg.patch_size, self.cfg.in_channels)
