@@ -192,18 +192,19 @@ class Mlp(nn.Module):
 # The MoE layer (S2-S4)
 
 def use_grouped_mm(device, dtype, capability=None, compiling=None):
-    """Whether one F.grouped_mm beats the loop over experts. CUDA: only on compute capability 9.x/10.x
-    (Hopper, Blackwell) in bf16, where it runs without host synchronisation; elsewhere it falls back to a
-    loop that copies the group offsets to the host. CPU: in bf16, and in fp32 (no float64 kernel) where
-    it measured about 2% faster than the loop for S/2-2in8 inference and equal in training; but not in
-    fp32 under torch.compile, whose shape function for grouped_mm accepts bf16 only (torch 2.13)."""
+    """Whether one F.grouped_mm beats the loop over experts. CUDA: only on compute capability 9.x (Hopper)
+    in bf16, where it runs without host synchronisation; elsewhere it falls back to a loop that copies the
+    group offsets to the host. Not on Blackwell (10.x), where an expert without tokens (which Expert Race
+    allows) gets an unwritten weight gradient (pytorch/pytorch#172439). CPU: in bf16, and in fp32 (no
+    float64 kernel) where it measured about 2% faster than the loop for S/2-2in8 inference and equal in
+    training; but not in fp32 under torch.compile, whose shape function for it accepts bf16 only."""
     if device.type == "cpu":
         compiling = torch.compiler.is_compiling() if compiling is None else compiling
         return dtype == torch.bfloat16 or (dtype == torch.float32 and not compiling)
     if device.type != "cuda" or dtype != torch.bfloat16:
         return False
     major, _ = capability or torch.cuda.get_device_capability(device)
-    return major in (9, 10)
+    return major == 9
 
 
 def grouped_matmul(x, w, ends, grouped=None):
