@@ -41,8 +41,9 @@ def grouped_equals_loop(device, dtype):
 
 
 def make(name, experts, device, size):
-    """A model built on the device itself (XL/2-4in32's 2.8B parameters initialise in seconds), with AdamW."""
-    cfg = R.make_config(name, experts, input_size=size, in_channels=4)
+    """A latent model as train.py builds it (learned sigma), on the device itself (XL/2-4in32's 2.8B
+    parameters initialise in seconds), with AdamW."""
+    cfg = R.make_config(name, experts, input_size=size, in_channels=4, learn_sigma=True)
     with torch.device(device):
         model = R.RaceDiT(cfg).to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
