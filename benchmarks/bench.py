@@ -3,14 +3,16 @@ What a Race-DiT step costs next to a dense DiT with the same activated parameter
 
     python benchmarks/bench.py                                   # CPU-sized default (S/2 at 32x32 latents)
     python benchmarks/bench.py --batch-size 256 --models B/2:dense,B/2:race:2in8,B/2:token:2in8   # a GPU
+    python benchmarks/bench.py --memory --models B/2:race:2in8,XL/2:race:4in32   # GPU memory, any machine
 
 All models are built in one process and measured alternately (round-robin), after warm-up, so that
 clock or thermal drift hits every model alike. Times are medians over rounds. Training step =
 forward + backward + AdamW step with the full loss (PLR, RSL); inference = one forward in eval mode
-with the calibrated threshold routing. Memory: peak allocated on CUDA; on CPU the bytes of tensors
-saved for backward (the activation memory), since CPU allocations are not tracked per model.
+with the calibrated threshold routing. Memory: peak allocated on CUDA; on CPU the bytes of the distinct
+tensors saved for backward (the activation memory), since CPU allocations are not tracked per model.
 """
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -33,18 +35,24 @@ def build(spec, args, device, **kw):
     return R.RaceDiT(cfg).to(device)
 
 
-def saved_bytes(model, args, batch, device):
-    """Bytes of the distinct storages that one bf16 training forward keeps for backward: the activations
-    and the bf16 weight copies that autocast makes."""
+@contextlib.contextmanager
+def saved_for_backward():
+    """Yields a dict that fills with the distinct storages autograd saves for backward inside the block
+    (data pointer -> bytes): the activations and, under autocast, the bf16 weight copies."""
     seen = {}
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def saved_bytes(model, args, batch, device):
+    """Bytes saved for backward by one bf16 training forward at this batch size."""
     S = args.image_size
     x0 = torch.randn(batch, args.channels, S, S, device=device)
     y = torch.randint(0, args.num_classes, (batch,), device=device)
-    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with torch.autocast(device.type, torch.bfloat16), hooks:
+    with torch.autocast(device.type, torch.bfloat16), saved_for_backward() as seen:
         R.Diffusion().training_losses(model, x0, y)
     return sum(seen.values())
 
@@ -145,17 +153,13 @@ def main(argv=None):
     autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
     def train_step(s):
-        saved = [0]
-        def pack(t):
-            saved[0] += t.numel() * t.element_size()
-            return t
         models[s].train()
-        with autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast(), saved_for_backward() as seen:
             losses, _ = diffusion.training_losses(models[s], x0, y)
         opts[s].zero_grad(set_to_none=True)
         losses["loss"].backward()
         opts[s].step()
-        return saved[0]
+        return sum(seen.values())
 
     @torch.no_grad()
     def infer(s):
