@@ -81,7 +81,8 @@ def largest_batch(model, opt, start=8, limit=4096):
             break
         finally:
             opt.zero_grad(set_to_none=True)                               # a failed backward's partial grads
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return best
 
 
