@@ -19,6 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+if not hasattr(F, "grouped_mm"):  # the floor in requirements.txt
+    raise ImportError(f"race_dit needs torch >= 2.10 (torch.nn.functional.grouped_mm); found {torch.__version__}")
+
 # ----------------------------------------------------------------------------------------------------
 # Configuration
 
@@ -207,13 +210,21 @@ def use_grouped_mm(device, dtype, capability=None, compiling=None):
     return major == 9
 
 
+def compute_dtype(x):
+    """The dtype x's matmuls run in: autocast's where it is enabled on x's device, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def grouped_matmul(x, w, ends, grouped=None):
     """Rows of x (P, Din) are grouped by expert (group e ends at row ends[e]); returns group e @ w[e]
-    for every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a loop over experts."""
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    for every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a loop over experts.
+    Autocast does not cover grouped_mm, so the weights are cast here: once per forward, as autocast
+    casts an nn.Linear's weight."""
+    dtype = compute_dtype(x)
+    x, w = x.to(dtype), w.to(dtype)
     if use_grouped_mm(x.device, dtype) if grouped is None else grouped:
-        return F.grouped_mm(x.to(dtype), w.to(dtype), offs=ends.to(torch.int32))
+        return F.grouped_mm(x, w, offs=ends.to(torch.int32))
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # the one host sync of this path
     return torch.cat([xe @ we for xe, we in zip(x.split(counts), w)])
 
@@ -277,16 +288,22 @@ class MoE(nn.Module):
         N, E = B * L, self.E
         xf = x.reshape(N, D)
         h = self.router(xf)                                               # (N, D)
-        logits = self.gate(h)                                             # (N, E)
+        # Routing decisions at fp32 resolution: under bf16 autocast, bf16 logits would tie at the race's
+        # cutoff and at the inference threshold (S3, S4).
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.gate(h.to(self.gate.weight.dtype))             # (N, E)
         scores = self.gate_fn(logits)                                     # (N, E)
         pairs, cutoff = self.select(scores.detach(), B, L)                # (P,) sorted, expert-major
         expert, token = pairs // N, pairs % N                             # (P,), (P,)
         # Group ends per expert, found in the sorted pairs without a host sync.
         ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
         # Dispatch: only the P selected pairs are computed; an expert may get any load, zero included.
-        hid = F.gelu(grouped_matmul(xf.index_select(0, token), self.w1, ends), approximate="tanh")  # (P, H)
-        gate = scores.reshape(-1).index_select(0, token * E + expert)                             # (P,)
-        out = grouped_matmul(hid, self.w2, ends) * gate.unsqueeze(1)                              # (P, D)
+        # Tokens are cast to the compute dtype before the gather: N rows cast, not P = k * N.
+        tokens = xf.to(compute_dtype(xf)).index_select(0, token)          # (P, D)
+        hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
+        out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
+        gate = scores.reshape(-1).index_select(0, token * E + expert)     # (P,)
+        out = out * gate.unsqueeze(1).to(out.dtype)                       # (P, D)
         y = torch.zeros(N, D, device=x.device, dtype=out.dtype).index_add_(0, token, out)  # (N, D)
         mask = torch.zeros(E * N, dtype=torch.bool, device=x.device).index_fill_(0, pairs, True)
         info = dict(logits=logits.view(B, L, E), mask=mask.view(E, B, L).permute(1, 2, 0), cutoff=cutoff)
@@ -443,16 +460,18 @@ def count_params(model, blocks_only=False):
 
 def rsl_loss(logits, mask):
     """S6: L_RSL = (1/N) sum_ij W_ij (P^T P)_ij, P = softmax(logits) (N, E), W from the selection counts
-    M^T M (no gradient): the diagonal balances each expert's load, the off-diagonal each pair's."""
+    M^T M (no gradient): the diagonal balances each expert's load, the off-diagonal each pair's.
+    In fp32 under autocast too, so that the counts are exact."""
     E = logits.shape[-1]
-    P = logits.reshape(-1, E).float().softmax(-1)                         # (N, E)
-    M = mask.reshape(-1, E).float()                                       # (N, E)
-    Mp = M.t() @ M                                                        # (E, E) load / co-selection
-    eye = torch.eye(E, dtype=torch.bool, device=M.device)
-    diag, off = Mp.diagonal().sum(), Mp.masked_fill(eye, 0).sum()
-    # clamp: with k = 1 there are no pairs and `off` is 0
-    W = torch.where(eye, E * Mp / diag.clamp(min=1), (E * E - E) * Mp / off.clamp(min=1))
-    return (W * (P.t() @ P)).sum() / P.shape[0]
+    with torch.autocast(logits.device.type, enabled=False):
+        P = logits.reshape(-1, E).float().softmax(-1)                     # (N, E)
+        M = mask.reshape(-1, E).float()                                   # (N, E)
+        Mp = M.t() @ M                                                    # (E, E) load / co-selection
+        eye = torch.eye(E, dtype=torch.bool, device=M.device)
+        diag, off = Mp.diagonal().sum(), Mp.masked_fill(eye, 0).sum()
+        # clamp: with k = 1 there are no pairs and `off` is 0
+        W = torch.where(eye, E * Mp / diag.clamp(min=1), (E * E - E) * Mp / off.clamp(min=1))
+        return (W * (P.t() @ P)).sum() / P.shape[0]
 
 
 def balance_loss(logits, mask):
@@ -481,20 +500,24 @@ def experts_per_image(aux):
     return torch.stack([a["mask"].float().sum(-1).mean(-1) for a in aux])
 
 
+def layer_routing_stats(mask):
+    """One layer's load per expert, MaxVio, combination usage and mean experts per token; mask (..., E)."""
+    M = mask.reshape(-1, mask.shape[-1]).float()                          # (N, E)
+    E = M.shape[1]
+    load = M.sum(0)                                                       # (E,)
+    with torch.autocast(M.device.type, enabled=False):                    # exact counts: fp32, not bf16
+        pair = (M.t() @ M)[torch.triu_indices(E, E, 1).unbind()]          # (E(E-1)/2,) co-selections
+    cover = (pair.sort(descending=True).values.cumsum(0) < 0.95 * pair.sum()).sum() + 1
+    usage = 100 * cover.item() / len(pair) if pair.sum() > 0 else 0.0
+    return dict(load=load.tolist(), max_vio=((load.max() - load.mean()) / load.mean()).item(),
+                comb_usage=usage, experts_per_token=M.sum(1).mean().item())
+
+
 @torch.no_grad()
 def routing_stats(aux, t=None, num_timesteps=1000, bins=10):
     """Per layer and averaged: load per expert, MaxVio, combination usage (% of expert pairs covering
     95% of co-activations; S6, Table 2) and mean experts per token; per timestep bin when t is given."""
-    layers = []
-    for a in aux:
-        M = a["mask"].reshape(-1, a["mask"].shape[-1]).float()            # (N, E)
-        E = M.shape[1]
-        load = M.sum(0)                                                   # (E,)
-        pair = (M.t() @ M)[torch.triu_indices(E, E, 1).unbind()]          # (E(E-1)/2,) co-selections
-        cover = (pair.sort(descending=True).values.cumsum(0) < 0.95 * pair.sum()).sum() + 1
-        usage = 100 * cover.item() / len(pair) if pair.sum() > 0 else 0.0
-        layers.append(dict(load=load.tolist(), max_vio=((load.max() - load.mean()) / load.mean()).item(),
-                           comb_usage=usage, experts_per_token=M.sum(1).mean().item()))
+    layers = [layer_routing_stats(a["mask"]) for a in aux]
     mean = lambda key: sum(layer[key] for layer in layers) / len(layers)
     stats = dict(max_vio=mean("max_vio"), comb_usage=mean("comb_usage"),
                  experts_per_token=mean("experts_per_token"), layers=layers)
@@ -536,18 +559,29 @@ def calibrate_thresholds(model, diffusion, batches):
 # Gaussian diffusion (S7, chosen: DDPM, linear betas 1e-4..0.02, 1000 steps, epsilon prediction)
 
 def schedule(ab):
-    """Per-step quantities of a (possibly respaced) schedule from its alphas_cumprod (T,), float64."""
+    """Per-step quantities of a (possibly respaced) schedule from its alphas_cumprod (T,), all in
+    float64: square roots and differences are taken here, before any cast to a tensor's dtype, as DiT
+    does (1 - ab in fp32 cancels at small t)."""
     ab_prev = np.append(1.0, ab[:-1])
     betas = 1 - ab / ab_prev
     post_var = betas * (1 - ab_prev) / (1 - ab)                           # variance of q(x_{t-1} | x_t, x0)
     # It is 0 at t = 0: DiT (IDDPM) clips its log to the value at t = 1.
     post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(ab) > 1 else np.log(betas)
-    return dict(ab=ab, ab_prev=ab_prev, betas=betas, post_logvar=post_logvar)
+    return dict(ab=ab, ab_prev=ab_prev, betas=betas, log_betas=np.log(betas), post_logvar=post_logvar,
+                sqrt_ab=np.sqrt(ab), sqrt_1m_ab=np.sqrt(1 - ab),                       # q(x_t | x0)
+                sqrt_recip_ab=np.sqrt(1 / ab), sqrt_recipm1_ab=np.sqrt(1 / ab - 1),    # x0 from eps
+                coef_x0=betas * np.sqrt(ab_prev) / (1 - ab),                           # posterior mean
+                coef_xt=(1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab))
 
 
-def posterior_mean(x0, xt, ab, ab_prev, beta):
-    """Mean of q(x_{t-1} | x_t, x0); the schedule terms are floats or tensors broadcast against x."""
-    return (beta * ab_prev ** 0.5 * x0 + (1 - ab_prev) * (1 - beta) ** 0.5 * xt) / (1 - ab)
+def predict_x0(xt, eps, sqrt_recip_ab, sqrt_recipm1_ab):
+    """x0 implied by an epsilon prediction; schedule terms are floats or tensors broadcast against x."""
+    return sqrt_recip_ab * xt - sqrt_recipm1_ab * eps
+
+
+def posterior_mean(x0, xt, coef_x0, coef_xt):
+    """Mean of q(x_{t-1} | x_t, x0), with the coefficients of `schedule`."""
+    return coef_x0 * x0 + coef_xt * xt
 
 
 def learned_logvar(v, log_beta, post_logvar):
@@ -574,15 +608,17 @@ class Diffusion:
         self.tables = schedule(self.alphas_cumprod)
         self.on_device = {}  # (name, device) -> float64 tensor: the schedule moves to a device once
 
-    def _at(self, name, t, x):  # schedule table `name` at t (B,) -> (B, 1, 1, 1) in x's dtype
+    def _at(self, name, t, x):
+        """Schedule table `name` at t (B,) -> (B, 1, 1, 1), cast from float64 to x's dtype (at least
+        fp32; DiT's _extract_into_tensor)."""
         key = (name, x.device)
         if key not in self.on_device:
             self.on_device[key] = torch.from_numpy(self.tables[name]).to(x.device)
-        return self.on_device[key][t].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return self.on_device[key][t].to(dtype).view(-1, *[1] * (x.dim() - 1))
 
     def q_sample(self, x0, t, noise):
-        ab = self._at("ab", t, x0)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return self._at("sqrt_ab", t, x0) * x0 + self._at("sqrt_1m_ab", t, x0) * noise
 
     def training_losses(self, model, x0, y, plr_weight=0.1, rsl_weight=0.01, balance_weight=0.0,
                         t=None, noise=None):
@@ -610,12 +646,12 @@ class Diffusion:
     def vb(self, eps, v, x0, xt, t):
         """The variational bound's term for each sample in bits per dimension, averaged (DiT, IDDPM):
         KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0 at t = 0."""
-        ab, ab_prev, beta = (self._at(n, t, xt) for n in ("ab", "ab_prev", "betas"))
-        true_logvar = self._at("post_logvar", t, xt)
-        x0_pred = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
-        true_mean = posterior_mean(x0, xt, ab, ab_prev, beta)
-        mean = posterior_mean(x0_pred, xt, ab, ab_prev, beta)
-        logvar = learned_logvar(v, beta.log(), true_logvar)
+        at = lambda name: self._at(name, t, xt)
+        x0_pred = predict_x0(xt, eps, at("sqrt_recip_ab"), at("sqrt_recipm1_ab"))
+        true_mean = posterior_mean(x0, xt, at("coef_x0"), at("coef_xt"))
+        mean = posterior_mean(x0_pred, xt, at("coef_x0"), at("coef_xt"))
+        true_logvar = at("post_logvar")
+        logvar = learned_logvar(v, at("log_betas"), true_logvar)
         kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp()
                     + (true_mean - mean) ** 2 * (-logvar).exp())
         nll = -discretized_log_likelihood(x0, mean, 0.5 * logvar)
@@ -652,7 +688,8 @@ class Diffusion:
         ts, sched = self.respaced(steps)
         x = randn()
         for i in reversed(range(len(ts))):
-            ab, ab_prev, beta = (float(sched[n][i]) for n in ("ab", "ab_prev", "betas"))
+            at = lambda name: float(sched[name][i])                       # float64 scalars
+            ab, ab_prev = at("ab"), at("ab_prev")
             t = torch.full((B,), int(ts[i]), device=dev, dtype=torch.long)
             if cfg_scale != 1:
                 out, aux = guided_forward(model, x, t, y, cfg_scale)
@@ -662,18 +699,18 @@ class Diffusion:
                 on_step(i, int(ts[i]), aux)
             out = out.float()
             eps = out[:, :C]
-            x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+            x0 = predict_x0(x, eps, at("sqrt_recip_ab"), at("sqrt_recipm1_ab"))
             if clip_x0:
                 x0 = x0.clamp(-1, 1)
-                eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+                eps = (x - at("sqrt_ab") * x0) / at("sqrt_1m_ab")
             if method == "ddim":
                 sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
                 x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - sigma ** 2) * eps
                 x = x + sigma * randn() if sigma > 0 else x
                 continue
-            logvar = torch.full_like(x, sched["post_logvar"][i])
+            logvar = torch.full_like(x, at("post_logvar"))
             if out.shape[1] == 2 * C:
-                logvar = learned_logvar(out[:, C:], math.log(beta), logvar)
+                logvar = learned_logvar(out[:, C:], at("log_betas"), logvar)
             noise = torch.exp(0.5 * logvar) * randn() if i > 0 else 0
-            x = posterior_mean(x0, x, ab, ab_prev, beta) + noise
+            x = posterior_mean(x0, x, at("coef_x0"), at("coef_xt")) + noise
         return x

@@ -172,6 +172,29 @@ def test_expert_choice_gives_exactly_kL_over_E_per_expert_per_image():
     assert (info["mask"].sum(1) == 2 * 16 // 8).all()                    # (B, E)
 
 
+def test_routing_is_decided_in_fp32_under_bf16_autocast():
+    """bf16 logits tie at the race cutoff and at the threshold; the gate runs in fp32 under autocast,
+    the race takes exactly the K largest fp32 scores, the threshold compares fp32 scores, and the
+    selection-count matmuls of the losses stay in fp32."""
+    torch.manual_seed(0)
+    layer = randomize_zero_init(R.MoE(tiny("race", "2in8")), std=0.5)
+    x = torch.randn(4, 16, 32)
+    with torch.autocast("cpu", torch.bfloat16):
+        _, info = layer(x)
+        rsl = R.rsl_loss(info["logits"], info["mask"])
+    logits = info["logits"]
+    assert logits.dtype == torch.float32
+    order = logits.detach().permute(2, 0, 1).flatten().sort(descending=True, stable=True).indices
+    want = torch.zeros(logits.numel(), dtype=torch.bool)
+    want[order[:4 * 16 * 2]] = True                                       # brute force: the K largest
+    assert torch.equal(info["mask"], want.view(8, 4, 16).permute(1, 2, 0))
+    assert torch.equal(rsl, R.rsl_loss(logits, info["mask"]))             # autocast changes nothing
+    layer.eval().threshold.fill_(info["cutoff"].item())
+    with torch.autocast("cpu", torch.bfloat16):
+        _, info = layer(x)
+    assert torch.equal(info["mask"], info["logits"] >= layer.threshold)
+
+
 def naive_moe(layer, x, mask):
     """Every expert on every token, masked: sum_e mask * score * Expert_e(x)."""
     s = layer.gate_fn(layer.gate(layer.router(x)))                        # (B, L, E)
@@ -502,6 +525,18 @@ def test_respacing_equals_dits_for_every_step_count():
     ts, sched = d.respaced(1000)
     np.testing.assert_allclose(sched["betas"], np.linspace(1e-4, 0.02, 1000))
     assert list(d.respaced(4)[0]) == [0, 333, 666, 999]
+
+
+def test_q_sample_takes_square_roots_in_float64_as_dit():
+    """DiT's _extract_into_tensor: sqrt(ab) and sqrt(1 - ab) computed in float64, then cast; a bf16
+    input still gets noise at t = 0, where 1 - ab is 1e-4."""
+    ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    a, b = (torch.from_numpy(v).float().view(-1, 1, 1, 1) for v in (np.sqrt(ab), np.sqrt(1 - ab)))
+    t = torch.arange(1000)
+    x0, noise = torch.randn(1000, 2, 3, 3), torch.randn(1000, 2, 3, 3)
+    assert torch.equal(R.Diffusion().q_sample(x0, t, noise), a * x0 + b * noise)
+    xt = R.Diffusion().q_sample(x0[:1].bfloat16(), t[:1], noise[:1].bfloat16())
+    assert xt.dtype == torch.float32 and not torch.equal(xt, x0[:1].bfloat16().float())
 
 
 def reference_vb(out, x0, xt, t, betas):
