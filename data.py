@@ -1,5 +1,6 @@
 """
-Data sources for train.py and evaluate.py. Each is a Dataset of (uint8 image (C, H, W) or float latent
+Data sources for train.py and evaluate.py, and the maps between data and model space (to_model_input,
+to_uint8, the VAE of latent data). Each source is a Dataset of (uint8 image (C, H, W) or float latent
 moments, label) with `num_classes` from the dataset's definition, checked in full when it is loaded:
 every file's header and every label, so that a bad file is reported before training starts.
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils import LATENT_SCALE, UserError, atomic_write
+from runs import UserError, atomic_write
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -32,6 +33,7 @@ FMNIST_MD5 = {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
               "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
               "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}
 SOURCES = ("shapes", "cifar10", "fashion-mnist", "latents")
+LATENT_SCALE = 0.18215  # Stable Diffusion VAE latent scale, as in DiT
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -249,15 +251,34 @@ def load_data(data, data_dir="data", image_size=32, split="train", num_classes=1
 
 
 def to_model_input(x, ds):
-    """A raw batch -> x0 on the model's scale: images to [-1, 1] with random horizontal flips;
-    latents: pick the image or its flip, sample the VAE posterior, scale by 0.18215."""
+    """A raw batch on its device -> x0 on the model's scale: images to [-1, 1] with random horizontal
+    flips; latents: pick the image or its flip, sample the VAE posterior, scale by LATENT_SCALE. Every
+    random tensor is made on x's device, so that the step copies nothing from the host."""
     if ds.latent:
-        pick = torch.randint(0, 2, (len(x),), device=x.device)
-        x = x[torch.arange(len(x)), pick].float()                         # (B, 2C, h, w)
+        pick = torch.randint(0, 2, (len(x), 1, 1, 1), device=x.device)   # the image or its flip
+        x = torch.where(pick == 1, x[:, 1], x[:, 0]).float()             # (B, 2C, h, w)
         mean, logvar = x.chunk(2, dim=1)
         return (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * LATENT_SCALE
     x = x.float() / 127.5 - 1
     return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
+
+
+def to_uint8(x):
+    """Model-space images (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, 3), grey replicated to RGB."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return np.repeat(x, 3, axis=3) if x.shape[3] == 1 else x
+
+
+def load_vae(name, device):
+    """The Stable Diffusion VAE through diffusers (optional dependency, imported only here)."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise UserError("latents need diffusers to be encoded or decoded: pip install diffusers") from None
+    try:
+        return AutoencoderKL.from_pretrained(name).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the VAE {name!r}: {str(e)[:160]}") from None
 
 
 class BatchOrder(torch.utils.data.Sampler):

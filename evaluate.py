@@ -10,7 +10,6 @@ network, other features, few samples. It comes with its noise: the FDs of two di
 The classifier is trained once per (data, image size, seed) on the training split and cached beside
 the data (--data-dir); the test split is used only for its accuracy and the FD reference.
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -21,9 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import race_dit as R
-from data import load_data
-from utils import (Parser, atomic_write, generate, load_model, require, run_main, save_grid, to_uint8,
-                   writable_folder)
+from data import load_data, to_uint8
+from pictures import save_grid
+from runs import Parser, atomic_write, require, run_main, writable_folder
+from sample import generate, load_model
 
 SUPPORTED = ("shapes", "cifar10", "fashion-mnist")
 
@@ -128,7 +128,7 @@ class Evaluator:
 
 
 def main(argv=None):
-    p = Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="evaluate.py", description=__doc__)
     a = p.add_argument
     a("--ckpt", required=True, help="a train.py checkpoint of shapes, fashion-mnist or cifar10")
     a("--per-class", type=int, default=20, help="samples per class")

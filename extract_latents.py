@@ -8,7 +8,6 @@ moments.npy, float16 (N, 2, 8, s/8, s/8): for each image [0] and its horizontal 
 posterior [mean (4 channels) | log-variance (4 channels)]; labels.npy, int64 (N,), the class folder's
 index in sorted order. Both files are written atomically.
 """
-import argparse
 import os
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import numpy as np
 import torch
 
 from data import FolderDataset
-from utils import Parser, atomic_write, load_vae, require, run_main
+from data import load_vae
+from runs import Parser, atomic_write, require, run_main
 
 
 @torch.no_grad()
@@ -42,8 +42,7 @@ def extract_latents(folder, out_dir, image_size, encode, device, batch=64, worke
 
 
 def main(argv=None):
-    p = Parser(prog="extract_latents.py", description=__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="extract_latents.py", description=__doc__)
     p.add_argument("folder", help="one subfolder per class")
     p.add_argument("out", help="where moments.npy and labels.npy go")
     p.add_argument("--image-size", type=int, default=256)

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 
 if not hasattr(F, "grouped_mm"):  # the floor in requirements.txt
-    raise ImportError(f"race_dit needs torch >= 2.10 (torch.nn.functional.grouped_mm); found {torch.__version__}")
+    raise ImportError("race_dit needs torch >= 2.10 (torch.nn.functional.grouped_mm); "
+                      f"found {torch.__version__}")
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -48,7 +49,7 @@ class Config:
     routing: str = "race"         # race | token | expert | dense (S3)
     num_experts: int = 8          # E
     top_k: int = 2                # k: experts per token on average
-    split: int = 0                # hidden split: expert width = mlp_ratio * D / split; 0 means split = k
+    granularity: int = 0          # expert width = mlp_ratio * D / granularity (S2); 0 means k
     gating: str = "identity"      # identity | softmax | sigmoid (S3, Table 1)
     threshold_decay: float = 0.99  # EMA decay of the inference threshold (S4, chosen)
 
@@ -64,10 +65,10 @@ class Config:
         if self.routing != "dense":
             E, k = self.num_experts, self.top_k
             need(1 <= k <= E, f"top-k must be between 1 and the number of experts: got k={k}, E={E}")
-            self.split = self.split or k
+            self.granularity = self.granularity or k
             width = int(self.mlp_ratio * self.hidden_size)
-            need(self.mlp_hidden * self.split == width,
-                 f"MLP width {width} is not divisible by split {self.split}")
+            need(self.mlp_hidden * self.granularity == width,
+                 f"MLP width {width} is not divisible by granularity {self.granularity}")
             need(self.routing != "expert" or self.capacity >= 1,
                  f"expert-choice capacity k*L/E = {k}*{self.num_tokens}/{E} is below 1")
 
@@ -81,7 +82,7 @@ class Config:
 
     @property
     def mlp_hidden(self):  # width of one expert (or of the dense MLP)
-        return int(self.mlp_ratio * self.hidden_size) // (1 if self.routing == "dense" else self.split)
+        return int(self.mlp_ratio * self.hidden_size) // (1 if self.routing == "dense" else self.granularity)
 
     @property
     def capacity(self):  # tokens per expert per image under expert-choice (S3, Fig. 3)
@@ -232,7 +233,7 @@ def grouped_matmul(x, w, ends, grouped=None):
 class MoE(nn.Module):
     """Router, E bias-free experts held as stacked weights, and the PLR target head (S2, S5).
 
-    forward(x (B, L, D)) -> (out (B, L, D), info) where info holds what the losses and statistics need:
+    forward(x (B, L, D)) -> (out (B, L, D), aux) where aux holds what the losses and statistics need:
     logits (B, L, E), mask (B, L, E) of selected pairs, cutoff (race top-K), and in training plr
     (B, L, p*p*C), which the model turns into image layout (B, C, H, W).
     """
@@ -244,7 +245,7 @@ class MoE(nn.Module):
         self.k, self.E = cfg.top_k, E
         self.capacity, self.decay = cfg.capacity, cfg.threshold_decay
         self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))  # h = GELU(Linear(x))
-        self.gate = nn.Linear(D, E)                                                 # scores s = gate(h)
+        self.scorer = nn.Linear(D, E)                                               # logits = scorer(h)
         # S5 per-layer regularization: predict the diffusion target (epsilon, patchified) from h; C
         # channels, not C_out: a learned-sigma model has no target for its variance channels.
         self.plr_head = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
@@ -256,7 +257,7 @@ class MoE(nn.Module):
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         self.use_threshold = True  # eval-mode race: score >= threshold; False forces batch top-K
 
-    def gate_fn(self, logits):  # S3 / Table 1: the gating function turns logits into scores/weights
+    def gating_fn(self, logits):  # S3 / Table 1: the gating function turns logits into scores
         if self.gating == "softmax":
             return logits.softmax(-1)
         return logits.sigmoid() if self.gating == "sigmoid" else logits
@@ -291,8 +292,8 @@ class MoE(nn.Module):
         # Routing decisions at fp32 resolution: under bf16 autocast, bf16 logits would tie at the race's
         # cutoff and at the inference threshold (S3, S4).
         with torch.autocast(x.device.type, enabled=False):
-            logits = self.gate(h.to(self.gate.weight.dtype))             # (N, E)
-        scores = self.gate_fn(logits)                                     # (N, E)
+            logits = self.scorer(h.to(self.scorer.weight.dtype))         # (N, E)
+        scores = self.gating_fn(logits)                                   # (N, E)
         pairs, cutoff = self.select(scores.detach(), B, L)                # (P,) sorted, expert-major
         expert, token = pairs // N, pairs % N                             # (P,), (P,)
         # Group ends per expert, found in the sorted pairs without a host sync.
@@ -302,14 +303,14 @@ class MoE(nn.Module):
         tokens = xf.to(compute_dtype(xf)).index_select(0, token)          # (P, D)
         hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
         out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
-        gate = scores.reshape(-1).index_select(0, token * E + expert)     # (P,)
-        out = out * gate.unsqueeze(1).to(out.dtype)                       # (P, D)
+        pair_scores = scores.reshape(-1).index_select(0, token * E + expert)  # (P,) weigh the outputs
+        out = out * pair_scores.unsqueeze(1).to(out.dtype)                # (P, D)
         y = torch.zeros(N, D, device=x.device, dtype=out.dtype).index_add_(0, token, out)  # (N, D)
         mask = torch.zeros(E * N, dtype=torch.bool, device=x.device).index_fill_(0, pairs, True)
-        info = dict(logits=logits.view(B, L, E), mask=mask.view(E, B, L).permute(1, 2, 0), cutoff=cutoff)
+        layer_aux = dict(logits=logits.view(B, L, E), mask=mask.view(E, B, L).permute(1, 2, 0), cutoff=cutoff)
         if self.training:
-            info["plr"] = self.plr_head(h).view(B, L, -1)
-        return y.view(B, L, D), info
+            layer_aux["plr"] = self.plr_head(h).view(B, L, -1)
+        return y.view(B, L, D), layer_aux
 
     @torch.no_grad()
     def update_threshold(self, cutoff):
@@ -332,12 +333,12 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(D, cfg.mlp_hidden) if cfg.routing == "dense" else MoE(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
-    def forward(self, x, c):  # x (B, L, D), c (B, D) -> (x, MoE info or None)
+    def forward(self, x, c):  # x (B, L, D), c (B, D) -> (x, MoE aux or None)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
         h = modulate(self.norm2(x), shift2, scale2)
-        h, info = self.mlp(h) if isinstance(self.mlp, MoE) else (self.mlp(h), None)
-        return x + gate2.unsqueeze(1) * h, info
+        h, layer_aux = self.mlp(h) if isinstance(self.mlp, MoE) else (self.mlp(h), None)
+        return x + gate2.unsqueeze(1) * h, layer_aux
 
 
 class FinalLayer(nn.Module):
@@ -363,7 +364,7 @@ class RaceDiT(nn.Module):
     """DiT (S1) whose block MLPs are MoE layers unless cfg.routing == "dense".
 
     model(x (B, C, H, W), t (B,), y (B,)) -> prediction (B, C_out, H, W);
-    with return_aux=True also the list of per-layer MoE infos (empty for a dense model).
+    with return_aux=True also the list of per-layer MoE aux (empty for a dense model).
     A training forward also moves each race layer's inference threshold (S4) toward its cutoff."""
 
     def __init__(self, cfg: Config):
@@ -378,7 +379,7 @@ class RaceDiT(nn.Module):
                                       requires_grad=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
-        self.grad_checkpointing = False  # activation checkpointing: about 1/3 more compute, far less memory
+        self.recompute = False  # activation recomputation: about 1/3 more compute, far less memory
         self.initialize_weights()
 
     def initialize_weights(self):  # DiT's initialisation (S1)
@@ -406,19 +407,21 @@ class RaceDiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)                       # (B, D)
         aux = []
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                # Keep only the block's input; backward recomputes the block (it draws no random numbers).
-                h, info = checkpoint(block, h, c, use_reentrant=False, preserve_rng_state=False)
+            if self.recompute and torch.is_grad_enabled():
+                # Activation recomputation: keep only the block's input; backward recomputes the block
+                # (it draws no random numbers).
+                h, layer_aux = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False,
+                                                             preserve_rng_state=False)
             else:
-                h, info = block(h, c)
-            if info is not None:
+                h, layer_aux = block(h, c)
+            if layer_aux is not None:
                 # S4 threshold EMA, here rather than in the MoE: a block recomputed for backward must not
                 # update it a second time.
-                if self.training and info["cutoff"] is not None:
-                    block.mlp.update_threshold(info["cutoff"].detach().float())
-                if "plr" in info:  # S5 predictions in image layout, like the diffusion target
-                    info["plr"] = unpatchify(info["plr"], self.cfg.patch_size, self.cfg.in_channels)
-                aux.append(info)
+                if self.training and layer_aux["cutoff"] is not None:
+                    block.mlp.update_threshold(layer_aux["cutoff"].detach().float())
+                if "plr" in layer_aux:  # S5 predictions in image layout, like the diffusion target
+                    layer_aux["plr"] = unpatchify(layer_aux["plr"], self.cfg.patch_size, self.cfg.in_channels)
+                aux.append(layer_aux)
         out = unpatchify(self.final_layer(h, c), self.cfg.patch_size, self.cfg.out_channels)
         return (out, aux) if return_aux else out
 
@@ -456,7 +459,7 @@ def count_params(model, blocks_only=False):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Auxiliary losses (S5, S6) and routing statistics. Each takes the per-layer infos the model returns.
+# Auxiliary losses (S5, S6) and routing statistics. Each takes the per-layer aux the model returns.
 
 def rsl_loss(logits, mask):
     """S6: L_RSL = (1/N) sum_ij W_ij (P^T P)_ij, P = softmax(logits) (N, E), W from the selection counts
@@ -484,7 +487,7 @@ def balance_loss(logits, mask):
 
 
 def moe_losses(aux, target):
-    """Means over MoE layers: plr (S5; needs training-mode infos), rsl (S6), balance. target: the
+    """Means over MoE layers: plr (S5; needs training-mode aux), rsl (S6), balance. target: the
     diffusion target (B, C, H, W)."""
     n = len(aux)
     out = dict(rsl=sum(rsl_loss(a["logits"], a["mask"]) for a in aux) / n,
@@ -498,6 +501,26 @@ def experts_per_image(aux):
     """Mean experts per token of each image in each MoE layer, (layers, B): the quantity of the paper's
     Fig. 6. Training logs bin it by timestep; sample.py averages it at every sampling step."""
     return torch.stack([a["mask"].float().sum(-1).mean(-1) for a in aux])
+
+
+class ExpertsByTimestep:
+    """Diffusion.sample's on_step callback: mean experts per token of each layer at each sampling
+    timestep (Fig. 6). Sums stay on the device, so collecting them adds no host synchronisation."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def __call__(self, i, t, aux):
+        if aux:
+            self.sums[t] = self.sums.get(t, 0) + experts_per_image(aux).mean(1)    # (layers,)
+            self.counts[t] = self.counts.get(t, 0) + 1
+
+    def result(self):
+        ts = sorted(self.sums, reverse=True)
+        per_t = [(self.sums[t] / self.counts[t]).tolist() for t in ts]             # (T, layers)
+        mean = [sum(v) / len(v) for v in per_t]
+        return dict(timesteps=ts, per_layer=[list(v) for v in zip(*per_t)], mean=mean,
+                    overall=sum(mean) / len(mean))
 
 
 def layer_routing_stats(mask):
@@ -624,7 +647,7 @@ class Diffusion:
                         t=None, noise=None):
         """Returns (losses, aux): losses has 'loss' (the total to minimise) and each term unweighted:
         'mse', for learned-variance models 'vb', for MoE models 'plr', 'rsl', 'balance'; aux is the
-        model's per-layer MoE infos."""
+        model's per-layer MoE aux."""
         B, C = x0.shape[:2]
         t = torch.randint(0, self.num_timesteps, (B,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
@@ -688,8 +711,8 @@ class Diffusion:
         ts, sched = self.respaced(steps)
         x = randn()
         for i in reversed(range(len(ts))):
-            at = lambda name: float(sched[name][i])                       # float64 scalars
-            ab, ab_prev = at("ab"), at("ab_prev")
+            at = {name: float(table[i]) for name, table in sched.items()}  # float64 scalars of step i
+            ab, ab_prev = at["ab"], at["ab_prev"]
             t = torch.full((B,), int(ts[i]), device=dev, dtype=torch.long)
             if cfg_scale != 1:
                 out, aux = guided_forward(model, x, t, y, cfg_scale)
@@ -699,18 +722,18 @@ class Diffusion:
                 on_step(i, int(ts[i]), aux)
             out = out.float()
             eps = out[:, :C]
-            x0 = predict_x0(x, eps, at("sqrt_recip_ab"), at("sqrt_recipm1_ab"))
+            x0 = predict_x0(x, eps, at["sqrt_recip_ab"], at["sqrt_recipm1_ab"])
             if clip_x0:
                 x0 = x0.clamp(-1, 1)
-                eps = (x - at("sqrt_ab") * x0) / at("sqrt_1m_ab")
+                eps = (x - at["sqrt_ab"] * x0) / at["sqrt_1m_ab"]
             if method == "ddim":
                 sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
                 x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - sigma ** 2) * eps
                 x = x + sigma * randn() if sigma > 0 else x
                 continue
-            logvar = torch.full_like(x, at("post_logvar"))
+            logvar = torch.full_like(x, at["post_logvar"])
             if out.shape[1] == 2 * C:
-                logvar = learned_logvar(out[:, C:], at("log_betas"), logvar)
+                logvar = learned_logvar(out[:, C:], at["log_betas"], logvar)
             noise = torch.exp(0.5 * logvar) * randn() if i > 0 else 0
-            x = posterior_mean(x0, x, at("coef_x0"), at("coef_xt")) + noise
+            x = posterior_mean(x0, x, at["coef_x0"], at["coef_xt"]) + noise
         return x

@@ -5,10 +5,9 @@ FID, and the routing picture (experts per token by timestep, the paper's Fig. 6)
     python sample.py --ckpt runs/default/ckpt.pt --out grid.png
     python sample.py --ckpt CKPT --num-samples 50000 --npz samples.npz --cfg-scale 1.5 --steps 250
     torchrun --nproc_per_node 8 sample.py --ckpt CKPT --num-samples 50000 --npz samples.npz
-    python sample.py --ckpt CKPT --routing-stats routing.json
+    python sample.py --ckpt CKPT --experts-by-timestep experts.json
     python sample.py --ckpt DiT-XL-2-256x256.pt --model XL/2 --labels 207,360,387 --out dit.png
 """
-import argparse
 import datetime
 import hashlib
 import json
@@ -23,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 import race_dit as R
-from utils import (LATENT_SCALE, Parser, UserError, atomic_write, generate, load_model, load_vae,
-                   require, routing_chart, RoutingStats, run_main, save_grid, to_uint8, writable_folder)
+from data import LATENT_SCALE, load_vae, to_uint8
+from pictures import experts_chart, save_grid
+from runs import Parser, UserError, atomic_write, load_checkpoint, require, run_main, writable_folder
 
 
 def parse_args(argv=None):
-    p = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="sample.py", description=__doc__)
     a = p.add_argument
     a("--ckpt", required=True, help="a train.py checkpoint, or a reference DiT state_dict with --model")
     a("--model", help="for a reference DiT state_dict: its size, e.g. XL/2")
@@ -45,10 +45,60 @@ def parse_args(argv=None):
     a("--out", default="grid.png", help="PNG grid of the samples ('' for none)")
     a("--nrow", type=int, default=8)
     a("--npz", help="also write the samples as uint8 (N, H, W, 3) arr_0 (ADM evaluation format)")
-    a("--routing-stats", help="JSON path; also writes a PNG chart beside it")
+    a("--experts-by-timestep", help="JSON path; also writes a PNG chart beside it")
     a("--vae", default="stabilityai/sd-vae-ft-ema", help="decodes a latent model's samples (diffusers)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+      help="auto: bf16 autocast on CUDA (as train.py, whose thresholds it calibrated), fp32 on CPU")
     return p.parse_args(argv)
+
+
+def use_bf16(precision, device):
+    """--precision (train.py, sample.py, bench.py): bf16 autocast for bf16, and for auto on CUDA; fp32
+    otherwise (auto on a CPU: bf16 autocast is slower there for the small models a CPU runs)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(precision, device):
+    """A context factory for --precision; on CUDA, TF32 matmuls are allowed too, as in DiT."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(precision, device))
+
+
+@torch.no_grad()
+def generate(model, diffusion, y, first, seed, steps, cfg_scale, clip_x0, method="ddpm", on_step=None):
+    """Samples for labels y, sample i seeded by (seed, first + i) alone: the same images whatever the
+    batch size or process split (with threshold routing)."""
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + first + i) for i in range(len(y))]
+    shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
+    return diffusion.sample(model, y, shape, steps=steps, method=method, cfg_scale=cfg_scale,
+                            generators=gens, clip_x0=clip_x0, on_step=on_step)
+
+
+def load_model(path, online=False, size=None):
+    """(model in eval mode, checkpoint) from a train.py checkpoint (the EMA weights unless online), or
+    from a bare reference DiT state_dict (e.g. DiT-XL-2-256x256.pt) given its size, e.g. "XL/2"."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        sd = None  # load_checkpoint below names the problem
+    if isinstance(sd, dict) and "pos_embed" in sd:
+        require(size, f"{path} is a bare DiT state_dict: pass its size, e.g. --model XL/2")
+        ckpt = dict(args=dict(data="latents"), step=0, ema=sd, model=sd)
+        patch = int(size.split("/")[-1]) if re.fullmatch(r".*/[0-9]+", size) else 0
+        config = dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * patch, learn_sigma=True,
+                      in_channels=sd["x_embedder.proj.weight"].shape[1],
+                      num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+    else:
+        ckpt = load_checkpoint(path)
+    try:
+        cfg = R.Config(**ckpt["config"]) if "config" in ckpt else R.make_config(size, **config)
+        model = R.RaceDiT(cfg)
+        model.load_state_dict(ckpt["model" if online else "ema"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not match this model: {str(e).splitlines()[0][:200]}") from None
+    return model.eval(), ckpt
 
 
 def weights_digest(model):
@@ -76,7 +126,7 @@ def run(args, grid_max=256):
     require(args.num_samples is None or args.num_samples > 0, "--num-samples must be positive")
     require(math.isfinite(args.cfg_scale) and args.cfg_scale >= 0, "--cfg-scale must be a number >= 0")
     require(0 <= args.seed < 2**31, "--seed must be in 0..2147483647")
-    for path, flag in ((args.out, "--out"), (args.npz, "--npz"), (args.routing_stats, "--routing-stats")):
+    for path, flag in ((args.out, "--out"), (args.npz, "--npz"), (args.experts_by_timestep, "--experts-by-timestep")):
         if path:
             writable_folder(path, flag)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -86,6 +136,7 @@ def run(args, grid_max=256):
     model.to(device)
     cfg = model.cfg
     R.set_inference_routing(model, args.inference_routing)
+    precision = autocast(args.precision, device)
     labels = choose_labels(args, cfg.num_classes)
     vae = None
     if latent:
@@ -102,6 +153,7 @@ def run(args, grid_max=256):
     # labels and every setting that changes an image are the same.
     parts = Path(args.npz + ".parts") if args.npz else None
     meta = dict(weights_sha256=digest, online=args.online, routing=args.inference_routing,
+                precision=args.precision,
                 sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
                 batch_size=args.batch_size,
                 labels_sha256=hashlib.sha256(labels.numpy().tobytes()).hexdigest(), n=len(labels))
@@ -115,15 +167,17 @@ def run(args, grid_max=256):
     if world > 1:
         dist.barrier()
 
-    diffusion, stats, shown, latents = R.Diffusion(), RoutingStats(), [], []
+    diffusion, stats, shown, latents = R.Diffusion(), R.ExpertsByTimestep(), [], []
     mine = list(range(rank * args.batch_size, len(labels), world * args.batch_size))  # batch starts
     for b, s in enumerate(mine):
         part = parts / f"{s:08d}.npy" if parts else None
         if part is not None and part.exists():
             images = np.load(part)                                        # resumed: generated before
         else:
-            x = generate(model, diffusion, labels[s:s + args.batch_size].to(device), s, args.seed, args.steps,
-                         args.cfg_scale, clip_x0=not latent, method=args.sampler, on_step=stats)
+            with precision():
+                x = generate(model, diffusion, labels[s:s + args.batch_size].to(device), s, args.seed,
+                             args.steps, args.cfg_scale, clip_x0=not latent, method=args.sampler,
+                             on_step=stats)
             if latent:
                 latents.append(x.cpu().numpy())
                 x = vae.decode(x / LATENT_SCALE).sample if vae is not None else None
@@ -161,11 +215,11 @@ def run(args, grid_max=256):
         result = stats.result()
         print(f"mean experts per token ({args.inference_routing} routing): {result['overall']:.3f} "
               f"(k = {cfg.top_k})")
-        if args.routing_stats:
+        if args.experts_by_timestep:
             record = dict(routing=args.inference_routing, k=cfg.top_k, **result)
-            atomic_write(Path(args.routing_stats), lambda tmp: tmp.write_text(json.dumps(record)))
-            routing_chart(result, Path(args.routing_stats).with_suffix(".png"), cfg.top_k)
-            print(f"wrote {args.routing_stats} and {Path(args.routing_stats).with_suffix('.png')}")
+            atomic_write(Path(args.experts_by_timestep), lambda tmp: tmp.write_text(json.dumps(record)))
+            experts_chart(result, Path(args.experts_by_timestep).with_suffix(".png"), cfg.top_k)
+            print(f"wrote {args.experts_by_timestep} and {Path(args.experts_by_timestep).with_suffix('.png')}")
 
 
 def main(argv=None):

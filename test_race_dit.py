@@ -141,63 +141,63 @@ def route(routing, experts="2in8", B=4, L=16, gating="identity", training=True, 
 
 
 def test_race_selects_exactly_BLk_pairs_with_variable_experts_per_token():
-    layer, x, (_, info) = route("race", "2in8")
-    per_token = info["mask"].sum(-1)                                      # (B, L)
-    assert info["mask"].sum() == 4 * 16 * 2
+    layer, x, (_, layer_aux) = route("race", "2in8")
+    per_token = layer_aux["mask"].sum(-1)                                      # (B, L)
+    assert layer_aux["mask"].sum() == 4 * 16 * 2
     assert per_token.min() == 0 and per_token.max() > 2                   # no per-token quota
 
 
 def test_race_cutoff_is_kth_largest_score():
-    layer, x, (_, info) = route("race", "2in8")
-    scores = layer.gate(layer.router(x)).flatten().detach()
-    assert info["cutoff"] == scores.sort(descending=True).values[4 * 16 * 2 - 1]
+    layer, x, (_, layer_aux) = route("race", "2in8")
+    scores = layer.scorer(layer.router(x)).flatten().detach()
+    assert layer_aux["cutoff"] == scores.sort(descending=True).values[4 * 16 * 2 - 1]
 
 
 def test_race_selects_exactly_K_pairs_under_ties():
     layer = R.MoE(tiny("race", "2in8"))
     with torch.no_grad():
-        layer.gate.weight.zero_()
-        layer.gate.bias.zero_()                                          # every score equal
-    _, info = layer(torch.randn(3, 16, 32))
-    assert info["mask"].sum() == 3 * 16 * 2
+        layer.scorer.weight.zero_()
+        layer.scorer.bias.zero_()                                          # every score equal
+    _, layer_aux = layer(torch.randn(3, 16, 32))
+    assert layer_aux["mask"].sum() == 3 * 16 * 2
 
 
 def test_token_choice_gives_exactly_k_per_token():
-    _, _, (_, info) = route("token", "2in8")
-    assert (info["mask"].sum(-1) == 2).all()
+    _, _, (_, layer_aux) = route("token", "2in8")
+    assert (layer_aux["mask"].sum(-1) == 2).all()
 
 
 def test_expert_choice_gives_exactly_kL_over_E_per_expert_per_image():
-    _, _, (_, info) = route("expert", "2in8")
-    assert (info["mask"].sum(1) == 2 * 16 // 8).all()                    # (B, E)
+    _, _, (_, layer_aux) = route("expert", "2in8")
+    assert (layer_aux["mask"].sum(1) == 2 * 16 // 8).all()                    # (B, E)
 
 
 def test_routing_is_decided_in_fp32_under_bf16_autocast():
-    """bf16 logits tie at the race cutoff and at the threshold; the gate runs in fp32 under autocast,
+    """bf16 logits tie at the race cutoff and at the threshold; the scorer runs in fp32 under autocast,
     the race takes exactly the K largest fp32 scores, the threshold compares fp32 scores, and the
     selection-count matmuls of the losses stay in fp32."""
     torch.manual_seed(0)
     layer = randomize_zero_init(R.MoE(tiny("race", "2in8")), std=0.5)
     x = torch.randn(4, 16, 32)
     with torch.autocast("cpu", torch.bfloat16):
-        _, info = layer(x)
-        rsl = R.rsl_loss(info["logits"], info["mask"])
-    logits = info["logits"]
+        _, layer_aux = layer(x)
+        rsl = R.rsl_loss(layer_aux["logits"], layer_aux["mask"])
+    logits = layer_aux["logits"]
     assert logits.dtype == torch.float32
     order = logits.detach().permute(2, 0, 1).flatten().sort(descending=True, stable=True).indices
     want = torch.zeros(logits.numel(), dtype=torch.bool)
     want[order[:4 * 16 * 2]] = True                                       # brute force: the K largest
-    assert torch.equal(info["mask"], want.view(8, 4, 16).permute(1, 2, 0))
-    assert torch.equal(rsl, R.rsl_loss(logits, info["mask"]))             # autocast changes nothing
-    layer.eval().threshold.fill_(info["cutoff"].item())
+    assert torch.equal(layer_aux["mask"], want.view(8, 4, 16).permute(1, 2, 0))
+    assert torch.equal(rsl, R.rsl_loss(logits, layer_aux["mask"]))             # autocast changes nothing
+    layer.eval().threshold.fill_(layer_aux["cutoff"].item())
     with torch.autocast("cpu", torch.bfloat16):
-        _, info = layer(x)
-    assert torch.equal(info["mask"], info["logits"] >= layer.threshold)
+        _, layer_aux = layer(x)
+    assert torch.equal(layer_aux["mask"], layer_aux["logits"] >= layer.threshold)
 
 
 def naive_moe(layer, x, mask):
     """Every expert on every token, masked: sum_e mask * score * Expert_e(x)."""
-    s = layer.gate_fn(layer.gate(layer.router(x)))                        # (B, L, E)
+    s = layer.gating_fn(layer.scorer(layer.router(x)))                        # (B, L, E)
     y = torch.zeros_like(x)
     for e in range(layer.E):
         expert = F.gelu(x @ layer.w1[e], approximate="tanh") @ layer.w2[e]
@@ -216,8 +216,8 @@ def test_dispatch_equals_naive_reference_forward_and_gradients(routing, gating, 
     ref = copy.deepcopy(layer)
     x = torch.randn(3, 16, 32, dtype=torch.float64, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
-    out, info = layer(x)
-    want = naive_moe(ref, xr, info["mask"])
+    out, layer_aux = layer(x)
+    want = naive_moe(ref, xr, layer_aux["mask"])
     torch.testing.assert_close(out, want)
     g = torch.randn_like(out)
     (out * g).sum().backward()
@@ -274,7 +274,7 @@ def test_grouped_gemm_path_equals_loop_path():
 @pytest.mark.parametrize("routing", ["race", "token", "expert"])
 def test_a_training_step_reads_no_tensor_back_to_the_host(routing, monkeypatch):
     """The CPU stand-in for torch.cuda.set_sync_debug_mode("error") (gpu_check.py runs that on a GPU):
-    forward and backward of a training step, with and without checkpointing, never read a tensor's value
+    forward and backward of a training step, with and without recomputation, never read a tensor's value
     into Python; the loop over experts does (its group sizes), which is why the GPU chooser avoids it."""
     cfg = tiny(routing, "2in8", learn_sigma=True)
     model, diffusion, (x0, _, y) = R.RaceDiT(cfg), R.Diffusion(), batch(cfg)
@@ -285,8 +285,8 @@ def test_a_training_step_reads_no_tensor_back_to_the_host(routing, monkeypatch):
     for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__",
                  "__index__"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
-    for checkpointing in (False, True):
-        model.grad_checkpointing = checkpointing
+    for recompute in (False, True):
+        model.recompute = recompute
         losses, _ = diffusion.training_losses(model, x0, y)
         losses["loss"].backward()
     monkeypatch.setattr(R, "use_grouped_mm", lambda *args: False)
@@ -297,11 +297,11 @@ def test_a_training_step_reads_no_tensor_back_to_the_host(routing, monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # Inference threshold (S4)
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_threshold_is_ema_of_cutoff_updated_once_per_training_step(checkpointing):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_threshold_is_ema_of_cutoff_updated_once_per_training_step(recompute):
     cfg = tiny("race", "2in8", threshold_decay=0.9)
     model, diffusion = randomize_zero_init(R.RaceDiT(cfg)), R.Diffusion()
-    model.grad_checkpointing = checkpointing       # backward recomputes each block: no second update
+    model.recompute = recompute       # backward recomputes each block: no second update
     cuts = []
     for seed in range(3):
         x0, _, y = batch(cfg, seed=seed)
@@ -315,15 +315,15 @@ def test_threshold_is_ema_of_cutoff_updated_once_per_training_step(checkpointing
     assert all(m.threshold_updates == 3 for m in model.moe_layers())
 
 
-def test_activation_checkpointing_gives_the_same_losses_and_gradients_and_saves_less():
+def test_activation_recomputation_gives_the_same_losses_and_gradients_and_saves_less():
     cfg = tiny("race", "2in8", learn_sigma=True)
     diffusion, x0, _, y = R.Diffusion(), *batch(cfg)
     t, noise = torch.randint(0, 1000, (4,), generator=torch.Generator().manual_seed(1)), torch.randn_like(x0)
     runs = []
-    for checkpointing in (False, True):
+    for recompute in (False, True):
         torch.manual_seed(0)                                            # weights and label dropout
         model = randomize_zero_init(R.RaceDiT(cfg))
-        model.grad_checkpointing = checkpointing
+        model.recompute = recompute
         saved = []
         def pack(v, saved=saved):
             saved.append(v.nbytes)
@@ -384,7 +384,7 @@ def test_threshold_activates_about_k_experts_and_calibration_restores_a_perturbe
     other = copy.deepcopy(model)
     with torch.no_grad():
         for m in other.moe_layers():
-            m.gate.bias += 0.5                                  # shifts every logit: stale thresholds
+            m.scorer.bias += 0.5                                  # shifts every logit: stale thresholds
     assert abs(mean_experts_per_token(other, diffusion, x0, y, seed=5) - k) > 0.15 * k
     R.calibrate_thresholds(other, diffusion, [(x0.repeat(4, 1, 1, 1), y.repeat(4))] * 8)
     assert abs(mean_experts_per_token(other, diffusion, x0, y, seed=5) - k) < 0.15 * k
@@ -415,11 +415,11 @@ def test_rsl_is_one_for_uniform_routing_and_higher_for_collapsed_pairs():
 def test_rsl_gradient_reaches_only_the_router():
     layer = R.MoE(tiny("race", "2in8"))
     x = torch.randn(4, 16, 32, requires_grad=True)
-    _, info = layer(x)
-    R.rsl_loss(info["logits"], info["mask"]).backward()
+    _, layer_aux = layer(x)
+    R.rsl_loss(layer_aux["logits"], layer_aux["mask"]).backward()
     for name, p in layer.named_parameters():
         touched = p.grad is not None and p.grad.abs().sum() > 0
-        assert touched == name.startswith(("router", "gate")), name        # not the experts nor the PLR head
+        assert touched == name.startswith(("router", "scorer")), name        # not the experts nor the PLR head
     assert x.grad.abs().sum() > 0                                         # through the router's input
 
 

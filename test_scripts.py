@@ -24,8 +24,8 @@ import data
 import evaluate
 import extract_latents
 import sample
+import runs
 import train
-import utils
 from conftest import FAST, run_train
 
 ROOT = Path(__file__).parent
@@ -53,7 +53,7 @@ def expect_error(capsys, main, argv, message, code=2):
 def test_train_end_to_end_writes_checkpoint_metrics_grid_and_loss_chart(tmp_path, capsys):
     run_train(tmp_path, "--save-every", "2", "--sample-every", "4")
     assert "step 4/4" in capsys.readouterr().out
-    ckpt = utils.load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = runs.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 4 and set(ckpt) >= {"model", "ema", "opt", "config", "rng", "args"}
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["experts_per_token"] == pytest.approx(2.0)
@@ -90,10 +90,10 @@ def test_gradient_accumulation_equals_one_big_batch_for_a_dense_model():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("extra", [[], ["--grad-checkpoint"]])
+@pytest.mark.parametrize("extra", [[], ["--recompute"]])
 def test_accumulated_race_runs_one_race_per_micro_batch(tmp_path, extra):
     run_train(tmp_path, "--grad-accum", "2", "--sample-every", "0", *extra)
-    ckpt = utils.load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = runs.load_checkpoint(tmp_path / "ckpt.pt")
     updates = [v for k, v in ckpt["model"].items() if k.endswith("threshold_updates")]
     assert len(updates) == 6 and all(u == 4 * 2 for u in updates)         # 4 steps x 2 races each
 
@@ -156,7 +156,7 @@ def test_bad_inputs_and_divergence_keep_the_checkpoint(tmp_path, capsys):
 
 
 def test_a_second_run_on_a_locked_folder_fails_at_once(tmp_path, capsys):
-    with utils.locked(tmp_path):                                          # a live run holds the folder
+    with runs.locked(tmp_path):                                          # a live run holds the folder
         expect_error(capsys, train.main, [*FAST, "--out", str(tmp_path)], "in use by another running process")
     run_train(tmp_path, "--sample-every", "0")                            # it ended (or was killed): free
     assert (tmp_path / "ckpt.pt").exists()
@@ -170,34 +170,42 @@ def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, capsys):
         tmp.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
     with pytest.raises(SystemExit) as e:
-        utils.run_main("train.py", lambda: utils.atomic_write(path, fill))
+        runs.run_main("train.py", lambda: runs.atomic_write(path, fill))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no space left on device" in err and err.count("\n") == 1
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--grad-accum", "2", "--grad-checkpoint"]])
+RECORD_THRESHOLDS = """
+import json, os, sys
+import train
+step = train.train_step
+def recorded(net, model, *args):  # each rank writes its thresholds after every step
+    out = step(net, model, *args)
+    path = os.path.join(os.environ["THRESHOLDS"], "rank" + os.environ["RANK"] + ".json")
+    with open(path, "a") as f:
+        f.write(json.dumps([m.threshold.item() for m in model.moe_layers()]) + "\\n")
+    return out
+train.train_step = recorded
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--grad-accum", "2", "--recompute"]])
 def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path, extra):
+    script = tmp_path / "record_thresholds.py"
+    script.write_text(RECORD_THRESHOLDS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train.py", *FAST, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+           str(script), *FAST, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path / "run"),
+           *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "THRESHOLDS": str(tmp_path), "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "thresholds identical across 2 ranks: True" in res.stdout
     assert "1/4" not in res.stdout and res.stdout.count("step 4/4") == 1  # rank 0 alone prints
-    assert len(utils.load_checkpoint(tmp_path / "ckpt.pt")["rng"]) == 2
-
-
-def test_pre_rename_checkpoints_load(tmp_path):
-    run_train(tmp_path, "--sample-every", "0")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    ckpt["config"]["router"] = ckpt["config"].pop("routing")
-    ckpt["args"]["sim_weight"] = ckpt["args"].pop("rsl_weight")
-    ckpt["ema"] = {k.replace(".plr_head.", ".target_head."): v for k, v in ckpt["ema"].items()}
-    torch.save(ckpt, tmp_path / "old.pt")
-    old = utils.load_checkpoint(tmp_path / "old.pt")
-    assert old["config"]["routing"] == "race" and "rsl_weight" in old["args"]
-    assert any(".plr_head." in k for k in old["ema"])
+    ranks = [(tmp_path / f"rank{r}.json").read_text().splitlines() for r in (0, 1)]
+    assert len(ranks[0]) == 4 and ranks[0] == ranks[1]                    # every step, both ranks
+    assert len(set(ranks[0])) == 4                                        # and they move
+    assert len(runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["rng"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,7 +267,7 @@ def test_fashion_mnist_reads_idx_gz_files_and_refuses_broken_ones(tmp_path, caps
     expect_error(capsys, train.main, [*FAST, "--data", "fashion-mnist", "--data-dir", str(tmp_path),
                                       "--out", str(tmp_path / "run")], "could not read fashion-mnist")
     write_idx(tmp_path, "train", imgs, [7, 0, 12])                        # a label out of range
-    with pytest.raises(utils.UserError, match=r"labels must be in 0..9, found 0..12"):
+    with pytest.raises(runs.UserError, match=r"labels must be in 0..9, found 0..12"):
         data.load_fashion_mnist(tmp_path)
 
 
@@ -278,7 +286,7 @@ def test_image_folder_center_crops_and_trains(tmp_path):
     assert ds[0][0][0].float().mean() == pytest.approx(200, abs=1)              # red cats
     assert ds[7][0][2].float().mean() == pytest.approx(200, abs=1)              # blue dogs
     run_train(tmp_path / "run", "--data", str(tmp_path / "imgs"), "--image-size", "16", "--sample-every", "0")
-    assert utils.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]["num_classes"] == 2
+    assert runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]["num_classes"] == 2
 
 
 def test_image_folder_reports_a_truncated_image_and_reads_16_bit(tmp_path, capsys):
@@ -309,11 +317,11 @@ def test_latent_format_round_trips(tmp_path):
     torch.testing.assert_close(x[:, 0, :4].float(), mean, atol=2e-3, rtol=2e-3)       # stored as float16
     torch.testing.assert_close(x[:, 1, :4].float(), stand_in_vae(img.flip(-1))[0], atol=2e-3, rtol=2e-3)
     z = data.to_model_input(x, ds)                                        # posterior sample of image or flip
-    near = lambda f: (z - x[:, f, :4].float() * utils.LATENT_SCALE).abs().amax((1, 2, 3)) < 1e-4
+    near = lambda f: (z - x[:, f, :4].float() * data.LATENT_SCALE).abs().amax((1, 2, 3)) < 1e-4
     assert z.shape == (6, 4, 2, 2) and (near(0) | near(1)).all()
     run_train(tmp_path / "run", "--data", "latents", "--data-dir", str(tmp_path / "lat"), "--model", "XS/1",
               "--sample-every", "0", "--batch-size", "4", "--num-classes", "10")
-    config = utils.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]
+    config = runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]
     assert config["in_channels"] == 4 and config["num_classes"] == 10     # the flag, not the largest label
 
 
@@ -324,7 +332,7 @@ def test_latent_labels_are_checked_against_the_class_count(tmp_path, labels, mes
     make_folder_dataset(tmp_path / "imgs")
     extract_latents.extract_latents(tmp_path / "imgs", tmp_path / "lat", 16, stand_in_vae, "cpu", 4, 0)
     np.save(tmp_path / "lat" / "labels.npy", labels)
-    with pytest.raises(utils.UserError, match=message):
+    with pytest.raises(runs.UserError, match=message):
         data.load_latents(tmp_path / "lat", 1000)
 
 
@@ -409,8 +417,8 @@ def test_npz_resume_refuses_other_weights_at_the_same_path_or_labels(ckpt, tmp_p
     expect_error(capsys, sample.main, argv + ["--labels", "1,2"], "interrupted run of another model, labels")
 
 
-def test_routing_stats_json_and_chart(ckpt, tmp_path, capsys):
-    run_sample(ckpt, "--routing-stats", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png"),
+def test_experts_by_timestep_json_and_chart(ckpt, tmp_path, capsys):
+    run_sample(ckpt, "--experts-by-timestep", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png"),
                "--labels", "0,9")
     stats = json.loads((tmp_path / "r.json").read_text())
     assert stats["timesteps"] == [999, 666, 333, 0] and len(stats["per_layer"]) == 6
@@ -421,7 +429,7 @@ def test_routing_stats_json_and_chart(ckpt, tmp_path, capsys):
 
 
 def test_topk_routing_uses_exactly_k_experts_per_token(ckpt, tmp_path):
-    run_sample(ckpt, "--inference-routing", "topk", "--routing-stats", str(tmp_path / "r.json"), "--out", "")
+    run_sample(ckpt, "--inference-routing", "topk", "--experts-by-timestep", str(tmp_path / "r.json"), "--out", "")
     assert json.loads((tmp_path / "r.json").read_text())["mean"] == [pytest.approx(2.0)] * 4
 
 
@@ -510,21 +518,6 @@ def test_bench_script_reports_ratios_and_writes_only_where_asked(tmp_path, capsy
     assert os.listdir(tmp_path) == ["b.json"]
 
 
-def test_a_killed_runs_lock_does_not_block(tmp_path):
-    code = (f"import time, utils\nwith utils.locked({str(tmp_path)!r}):\n"
-            " print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"
-    other = os.open(tmp_path / "LOCK", os.O_RDWR)
-    with pytest.raises(BlockingIOError):
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    holder.kill()                                                         # kill -9 mid-run
-    holder.wait()
-    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)                    # the kernel released it
-    os.close(other)
-
-
 def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys):
     from benchmarks import reproduce
     methods = "race identity,race identity +threshold,deep race -PLR"
@@ -558,10 +551,10 @@ def test_bench_memory_estimate_equals_a_direct_measurement_of_the_full_model():
     params = sum(p.numel() for p in model.parameters())
     assert row["params"] == params
     assert row["batch_gib"] * 2**30 == pytest.approx(20 * params + bench.saved_bytes(model, args, 4, cpu))
-    model.grad_checkpointing = True
+    model.recompute = True
     per_image = (bench.saved_bytes(model, args, 3, cpu) - bench.saved_bytes(model, args, 1, cpu)) / 2
-    assert row["mib_per_image_ckpt"] * 2**20 == pytest.approx(per_image)
-    assert row["mib_per_image_ckpt"] < row["mib_per_image"] / 3
+    assert row["mib_per_image_recompute"] * 2**20 == pytest.approx(per_image)
+    assert row["mib_per_image_recompute"] < row["mib_per_image"] / 3
 
 
 def test_gpu_check_runs_its_cpu_parts(tmp_path):

@@ -4,11 +4,12 @@ Train Race-DiT (or a dense / token-choice / expert-choice baseline) on one devic
     python train.py                      # built-in shapes, a few minutes on a laptop CPU
     python train.py --data cifar10 --model S/2 --experts 2in8 --batch-size 128 --steps 100000
     torchrun --nproc_per_node 8 train.py --data latents --data-dir latents --model XL/2 --experts 4in32 \\
-        --lr 1e-4 --warmup 0 --batch-size 128 --grad-checkpoint --ema-decay 0.9999 --steps 1700000
+        --lr 1e-4 --warmup 0 --batch-size 128 --recompute --ema-decay 0.9999 --steps 1700000
 
 The defaults are a small-scale recipe for CPU runs; README.md gives the paper's (DiT's) settings.
+Read top to bottom: flags and their checks, the training step, saving / sampling / logging, and
+train(), whose loop is one linear sequence of steps.
 """
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -16,6 +17,7 @@ import datetime
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -24,15 +26,16 @@ import torch
 import torch.distributed as dist
 
 import race_dit as R
-from data import BatchOrder, load_data, to_model_input
+from data import LATENT_SCALE, BatchOrder, load_data, load_vae, to_model_input, to_uint8
 from evaluate import SUPPORTED as EVALUATED, Evaluator
-from utils import (CKPT_FORMAT, LATENT_SCALE, Diverged, Parser, UserError, all_finite, atomic_write, generate,
-                   keep_metrics, load_checkpoint, load_vae, locked, peak_memory_gib, plot_losses, require,
-                   run_main, save_grid, to_uint8, use_bf16)
+from pictures import plot_losses, save_grid
+from runs import (Diverged, Parser, UserError, keep_metrics, load_checkpoint, locked, require, run_main,
+                  save_checkpoint)
+from sample import autocast as precision_context, generate
 
 
 def parse_args(argv=None):
-    p = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="train.py", description=__doc__)
     a = p.add_argument
     a("--data", default="shapes", help="shapes | cifar10 | fashion-mnist | latents | a class-folder path")
     a("--data-dir", default="data", help="where cifar10 / fashion-mnist / latents files live")
@@ -42,7 +45,8 @@ def parse_args(argv=None):
     a("--experts", default="2in8", help="k in E, e.g. 4in32")
     a("--routing", default="race", choices=R.ROUTINGS)
     a("--gating", default="identity", choices=R.GATINGS)
-    a("--split", type=int, default=0, help="hidden split (default k)")
+    a("--granularity", type=int, default=0,
+      help="experts per MLP width: expert width = 4D / granularity (default k)")
     a("--learn-sigma", default="auto", choices=["auto", "on", "off"],
       help="learned variance with DiT's hybrid loss; auto: on for latents, as DiT")
     a("--plr-weight", type=float, default=0.1, help="per-layer regularization (S5)")
@@ -53,8 +57,8 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=100, help="linear learning-rate warm-up steps (paper: 0)")
     a("--batch-size", type=int, default=64, help="per process and micro-batch (paper: 256 or 1024 in all)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--grad-checkpoint", action="store_true",
-      help="activation checkpointing: backward recomputes each block (~1/3 more compute, far less memory)")
+    a("--recompute", action="store_true",
+      help="activation recomputation: backward recomputes each block (~1/3 more compute, far less memory)")
     a("--steps", type=int, default=1600)
     a("--ema-decay", type=float, default=0.999, help="weight EMA (paper: 0.9999)")
     a("--seed", type=int, default=0)
@@ -71,7 +75,7 @@ def parse_args(argv=None):
     a("--grid-per-class", type=int, default=20, help="samples per class row of the grid")
     a("--cfg-scale", type=float, default=2.0)
     a("--eval", default="auto", choices=["auto", "on", "off"],
-      help="class accuracy and FD proxy of the grid (evaluate.py); auto: on for shapes/cifar10/fashion-mnist")
+      help="score the grids (evaluate.py); auto: on for shapes/cifar10/fashion-mnist")
     a("--vae", default="stabilityai/sd-vae-ft-ema", help="decodes latent samples (diffusers)")
     a("--dist-timeout", type=int, default=10, help="minutes a process waits for the others")
     return p.parse_args(argv)
@@ -79,17 +83,18 @@ def parse_args(argv=None):
 
 def check_args(args):
     """One validation pass over every flag, before any work."""
-    for flag in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "image_size", "num_classes",
-                 "grid_per_class", "dist_timeout"):
-        require(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be positive")
-    for flag in ("warmup", "workers", "sample_every", "split"):
-        require(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be zero or positive")
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "image_size",
+                 "num_classes", "grid_per_class", "dist_timeout"):
+        require(getattr(args, name) > 0, f"{flag(name)} must be positive")
+    for name in ("warmup", "workers", "sample_every", "granularity"):
+        require(getattr(args, name) >= 0, f"{flag(name)} must be zero or positive")
     require(math.isfinite(args.lr) and args.lr > 0, "--lr must be a positive number")
-    for flag in ("plr_weight", "rsl_weight", "balance_weight", "cfg_scale"):
-        value = getattr(args, flag)
-        require(math.isfinite(value) and value >= 0, f"--{flag.replace('_', '-')} must be a number >= 0")
-    for flag in ("ema_decay", "threshold_decay"):
-        require(0 <= getattr(args, flag) < 1, f"--{flag.replace('_', '-')} must be in [0, 1)")
+    for name in ("plr_weight", "rsl_weight", "balance_weight", "cfg_scale"):
+        value = getattr(args, name)
+        require(math.isfinite(value) and value >= 0, f"{flag(name)} must be a number >= 0")
+    for name in ("ema_decay", "threshold_decay"):
+        require(0 <= getattr(args, name) < 1, f"{flag(name)} must be in [0, 1)")
     require(1 <= args.sample_steps <= 1000, "--sample-steps must be in 1..1000")
     require(0 <= args.seed < 2**31, "--seed must be in 0..2147483647")
 
@@ -98,12 +103,13 @@ def model_config(args, ds):
     x, _ = ds[0]
     shape = x.shape[1:] if ds.latent else x.shape                          # (C, H, W)
     require(shape[1] == shape[2], f"images must be square, got {tuple(shape)}")
+    learn_sigma = {"on": True, "off": False, "auto": ds.latent}[args.learn_sigma]
     try:
         return R.make_config(args.model, None if args.routing == "dense" else args.experts,
-                             routing=args.routing, gating=args.gating, split=args.split,
+                             routing=args.routing, gating=args.gating, granularity=args.granularity,
                              threshold_decay=args.threshold_decay, input_size=shape[-1],
-                             learn_sigma={"on": True, "off": False, "auto": ds.latent}[args.learn_sigma],
-                             in_channels=shape[0] // 2 if ds.latent else shape[0], num_classes=ds.num_classes)
+                             learn_sigma=learn_sigma, num_classes=ds.num_classes,
+                             in_channels=shape[0] // 2 if ds.latent else shape[0])
     except ValueError as e:
         raise UserError(e) from None
 
@@ -111,20 +117,34 @@ def model_config(args, ds):
 def check_resume(ckpt, cfg, args, world):
     """What defines the run must match the checkpoint; lr, loss weights, --steps and logging may change."""
     diff = [f"{k}={v} in the checkpoint, {getattr(cfg, k)} now" for k, v in ckpt["config"].items()
-            if getattr(cfg, k) != v]
-    diff += [f"{k}={ckpt['args'][k]} in the checkpoint, {getattr(args, k)} now"
+            if getattr(cfg, k, None) != v]
+    diff += [f"{k}={ckpt['args'].get(k)} in the checkpoint, {getattr(args, k)} now"
              for k in ("data", "image_size", "batch_size", "grad_accum", "seed")
-             if ckpt["args"].get(k, 1) != getattr(args, k)]
+             if ckpt["args"].get(k) != getattr(args, k)]
     if len(ckpt["rng"]) != world:
         diff.append(f"{len(ckpt['rng'])} processes in the checkpoint, {world} now")
     require(not diff, f"{Path(args.out) / 'ckpt.pt'} is from another configuration: {'; '.join(diff)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training step
+
+def device_batches(raw, ds, device, num_timesteps):
+    """Loader batches [(x, y)] -> micro-batches [(x0, y, t, noise)] on the device. The copies come from
+    pinned memory and every random tensor is drawn on the device: no host synchronisation."""
+    micro = []
+    for x, y in raw:
+        x0 = to_model_input(x.to(device, non_blocking=True), ds)
+        t = torch.randint(0, num_timesteps, (len(x0),), device=device)
+        micro.append((x0, y.to(device, non_blocking=True), t, torch.randn_like(x0)))
+    return micro
 
 
 def accumulate(net, diffusion, micro, args, autocast):
     """Forward and backward over micro-batches [(x0, y, t, noise)], each loss scaled by 1/N: for a dense
     model the gradients equal those of one batch holding all of them. Expert Race runs one race per
     micro-batch (as every DDP process does), so K = B_micro * L * k. DDP syncs on the last one only.
-    Returns the losses averaged over micro-batches (detached) and the last micro-batch's MoE infos."""
+    Returns the losses averaged over micro-batches (detached) and the last micro-batch's MoE aux."""
     sums = {}
     for i, (x0, y, t, noise) in enumerate(micro):
         last = i == len(micro) - 1
@@ -138,8 +158,125 @@ def accumulate(net, diffusion, micro, args, autocast):
     return sums, aux
 
 
+@torch.no_grad()
+def average_thresholds(model):
+    """Each process raced its own batch (S3, S4): average the thresholds so that all processes agree."""
+    thresholds = [m.threshold for m in model.moe_layers()]
+    if not thresholds or not dist.is_initialized():
+        return
+    mean = torch.stack(thresholds)                                        # (layers,)
+    dist.all_reduce(mean)
+    for threshold, value in zip(thresholds, mean / dist.get_world_size()):
+        threshold.copy_(value)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, tensor by tensor, as DiT; under no_grad, so that the EMA
+    never joins the autograd graph. Its thresholds are calibrated when it is used (S4)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train_step(net, model, ema, opt, diffusion, micro, step, args, autocast):
+    """One optimizer step: learning rate, forward and backward over the micro-batches, AdamW, the race
+    thresholds averaged over processes, the EMA. Returns accumulate's (losses, aux)."""
+    for group in opt.param_groups:  # linear warm-up, then constant (DiT: constant)
+        group["lr"] = args.lr * min(1.0, (step + 1) / (args.warmup + 1))
+    opt.zero_grad(set_to_none=True)
+    losses, aux = accumulate(net, diffusion, micro, args, autocast)
+    opt.step()
+    average_thresholds(model)
+    update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # warm-up: a useful EMA early
+    return losses, aux
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving, sampling, logging
+
+def calibration_batches(ds, batch_size, device):
+    """The first examples of the data set (up to 4 batches, none empty), for the EMA's thresholds."""
+    n = min(len(ds), 4 * batch_size)
+    x = torch.stack([ds[i][0] for i in range(n)]).to(device)
+    y = torch.tensor([ds[i][1] for i in range(n)], device=device)
+    return list(zip(x.split(batch_size), y.split(batch_size)))
+
+
+def calibrate_ema(ema, diffusion, calib, ds, seed, autocast, device):
+    """S4: the EMA's thresholds from its own cutoffs on training-like batches, on a forked RNG stream,
+    so that saving or sampling never changes the run's random numbers."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
+        torch.manual_seed(seed)
+        R.calibrate_thresholds(ema, diffusion, [(to_model_input(x, ds), y) for x, y in calib])
+
+
+def save(path, step, model, ema, opt, cfg, args, losses, rank, world, device):
+    """Refuse to write anything non-finite; gather every process's RNG state; rank 0 writes atomically."""
+    state = [*model.state_dict().values(), *ema.state_dict().values(), *losses.values()]
+    if not all(bool(t.isfinite().all()) for t in state if t.is_floating_point()):
+        last = load_checkpoint(path)["step"] if path.exists() else None
+        raise Diverged(f"non-finite loss or weights by step {step}; nothing saved (last checkpoint: step "
+                       f"{last}, intact); lower --lr or raise --warmup")
+    cuda = device.type == "cuda"
+    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if cuda else None)
+    rngs = [rng] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng)
+    if rank == 0:
+        save_checkpoint(path, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                   step=step, config=dataclasses.asdict(cfg), args=vars(args), rng=rngs))
+
+
+def sample_grid(ema, diffusion, path, args, ds, vae, evaluator, autocast, device):
+    """One row per class (10 at most), the same seeds at every step; scored by the evaluator."""
+    cfg = ema.cfg
+    classes = np.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().astype(int)
+    y = torch.tensor(classes, device=device).repeat_interleave(args.grid_per_class)
+    with autocast():
+        x = generate(ema, diffusion, y, 0, args.seed, args.sample_steps, args.cfg_scale, not ds.latent)
+    images = to_uint8(vae.decode(x.float() / LATENT_SCALE).sample if ds.latent else x)
+    save_grid(images, path, nrow=args.grid_per_class)
+    return evaluator.score(images, y.cpu().numpy()) if evaluator is not None else {}
+
+
+def peak_memory_gib(device):
+    """Peak allocated CUDA memory, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def log_record(step, n, sums, aux, t, seconds, model, opt, args, world, device):
+    """Losses averaged over the n steps since the last record and over processes: a progress line on
+    rank 0 and the record for metrics.jsonl, with the routing statistics of the last micro-batch (its
+    timesteps t)."""
+    names = sorted(sums)
+    vals = torch.stack([sums[k] for k in names]) / n
+    if world > 1:
+        dist.all_reduce(vals)
+        vals /= world
+    vals = dict(zip(names, vals.tolist()))
+    rate, mem = n / seconds, peak_memory_gib(device)
+    eta = int((args.steps - step) / rate)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"step {step}/{args.steps} | " + " ".join(f"{k} {vals[k]:.4f}" for k in names)
+              + f" | {rate:.2f} steps/s {rate * args.batch_size * world:.0f} img/s"
+              + f" | peak mem {mem:.2f} GiB | eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s",
+              flush=True)
+    record = dict(step=step, **vals, lr=opt.param_groups[0]["lr"], steps_per_s=rate, mem_gib=mem)
+    if aux:
+        stats = R.routing_stats(aux, t)
+        record.update({k: v for k, v in stats.items() if k != "layers"},
+                      load=[layer["load"] for layer in stats["layers"]],
+                      threshold=[m.threshold.item() for m in model.moe_layers()])
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
 def train(args):
-    # ---- setup: processes, device, run folder, data, configuration ------------------------------
+    # 1. Processes, device, run folder, data and configuration: every check before any work.
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
@@ -156,24 +293,21 @@ def train(args):
     ckpt = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     if ckpt is not None:
         check_resume(ckpt, cfg, args, world)
-    evaluate = args.eval == "on" or (args.eval == "auto" and args.data in EVALUATED)
-    evaluator = vae = None
-    if rank == 0 and args.sample_every and evaluate:
-        evaluator = Evaluator(args.data, args.data_dir, args.image_size)
-    if rank == 0 and ds.latent and args.sample_every:
-        vae = load_vae(args.vae, device)
+    scored = args.eval == "on" or (args.eval == "auto" and args.data in EVALUATED)
+    sampling_on_rank = rank == 0 and args.sample_every
+    evaluator = Evaluator(args.data, args.data_dir, args.image_size) if sampling_on_rank and scored else None
+    vae = load_vae(args.vae, device) if sampling_on_rank and ds.latent else None
     if world > 1:
-        timeout = datetime.timedelta(minutes=args.dist_timeout)  # a hung process fails the others, not hangs
+        timeout = datetime.timedelta(minutes=args.dist_timeout)  # a hung process fails the others
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    log = print if rank == 0 else (lambda *a, **k: None)
+    autocast = precision_context(args.precision, device)
 
-    # ---- model, EMA copy, optimizer; exact resume ----------------------------------------------
+    # 2. Model, EMA copy, optimizer; an exact resume restores all three and every RNG stream.
     torch.manual_seed(args.seed * 1000 + rank)
     model = R.RaceDiT(cfg).to(device)
-    model.grad_checkpointing = args.grad_checkpoint
+    model.recompute = args.recompute
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
     start = 0
@@ -185,147 +319,79 @@ def train(args):
         torch.set_rng_state(rng["cpu"])
         if cuda and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"], device)
-        log(f"resumed {ckpt_path} at step {start}")
+        if rank == 0:
+            print(f"resumed {ckpt_path} at step {start}")
     if rank == 0:
         keep_metrics(metrics, start)
-    total, active = R.count_params(model)
-    log(f"{args.model} {cfg.routing} {'' if cfg.routing == 'dense' else args.experts} on {args.data} "
-        f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}: {total / 1e6:.2f}M parameters, "
-        f"{active / 1e6:.2f}M activated; {world} process(es) on {device}")
+        total, active = R.count_params(model)
+        print(f"{args.model} {cfg.routing} {'' if cfg.routing == 'dense' else args.experts} on {args.data} "
+              f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}: {total / 1e6:.2f}M parameters, "
+              f"{active / 1e6:.2f}M activated; {world} process(es) on {device}")
     diffusion = R.Diffusion()
     net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     net = torch.compile(net) if args.compile else net
-    bf16 = use_bf16(args.precision, device)
-    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
-    # ---- data: the batch of step s is a function of (seed, s) ----------------------------------
+    # 3. Data: the batches of step s are a function of (seed, s), so a resume sees the same ones. The
+    # loader has its own generator: creating its iterator must not shift torch's stream.
     order = BatchOrder(len(ds), args.batch_size, args.seed, start, rank, world, args.grad_accum)
-    # Its own generator: creating a DataLoader iterator draws a seed, which must not shift torch's stream.
     loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=args.workers,
                                               generator=torch.Generator(), pin_memory=cuda))
-    fixed = [ds[i] for i in range(min(len(ds), 4 * args.batch_size))]     # EMA threshold calibration
-    calib_x = torch.stack([x for x, _ in fixed]).to(device)
-    calib_y = torch.tensor([y for _, y in fixed]).to(device)
-    thresholds = [m.threshold for m in model.moe_layers()]
-    params, ema_params = list(model.parameters()), list(ema.parameters())
+    calib = calibration_batches(ds, args.batch_size, device)
 
-    def checkpoint(step, sums):
-        """Calibrate the EMA's thresholds (S4), refuse to write anything non-finite, save atomically."""
-        with torch.random.fork_rng(devices=[device] if cuda else []), autocast():
-            torch.manual_seed(args.seed + step)  # a forked stream: saving never changes the run's RNG
-            batches = [(to_model_input(calib_x[i::4], ds), calib_y[i::4]) for i in range(4)]
-            R.calibrate_thresholds(ema, diffusion, batches)
-        state = [*model.state_dict().values(), *ema.state_dict().values(), *sums.values()]
-        if not all_finite(state):
-            last = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else None
-            raise Diverged(f"non-finite loss or weights by step {step}; nothing saved (last checkpoint: step "
-                           f"{last}, intact); lower --lr or raise --warmup")
-        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if cuda else None)
-        rngs = [rng] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng)
-        if rank == 0:
-            state = {"format": CKPT_FORMAT, "model": model.state_dict(), "ema": ema.state_dict(),
-                     "opt": opt.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
-                     "args": vars(args), "rng": rngs}
-            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-
-    def samples(step):
-        """One row per class (10 at most), the same seeds at every step; scored by the evaluator."""
-        classes = np.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().astype(int)
-        y = torch.tensor(classes, device=device).repeat_interleave(args.grid_per_class)
-        with autocast():
-            x = generate(ema, diffusion, y, 0, args.seed, args.sample_steps, args.cfg_scale, not ds.latent)
-        images = to_uint8(vae.decode(x.float() / LATENT_SCALE).sample if ds.latent else x)
-        save_grid(images, out / "samples" / f"step_{step:07d}.png", nrow=args.grid_per_class)
-        return evaluator.score(images, y.cpu().numpy()) if evaluator is not None else {}
-
-    def report(done, n, sums, aux, t, seconds):
-        """Losses averaged over the steps since the last report and over processes: a progress line
-        and a metrics.jsonl record with the routing statistics."""
-        names = sorted(sums)
-        vals = torch.stack([sums[k] for k in names]) / n
-        if world > 1:
-            dist.all_reduce(vals)
-            vals /= world
-        vals = dict(zip(names, vals.tolist()))
-        rate, mem = n / seconds, peak_memory_gib(device)
-        eta = int((args.steps - done) / rate)
-        log(f"step {done}/{args.steps} | " + " ".join(f"{k} {vals[k]:.4f}" for k in names) +
-            f" | {rate:.2f} steps/s {rate * args.batch_size * world:.0f} img/s"
-            f" | peak mem {mem:.2f} GiB"
-            f" | eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s", flush=True)
-        record = dict(step=done, **vals, lr=opt.param_groups[0]["lr"], steps_per_s=rate, mem_gib=mem)
-        if aux:
-            stats = R.routing_stats(aux, t)
-            record.update({k: v for k, v in stats.items() if k != "layers"},
-                          load=[layer["load"] for layer in stats["layers"]],
-                          threshold=[m.threshold.item() for m in model.moe_layers()])
-        return record
-
-    # ---- training loop ---------------------------------------------------------------------------
+    # 4. The loop.
     sums, n, tick, started = {}, 0, time.time(), time.time()
     for step in range(start, args.steps):
-        micro = []
-        for _ in range(args.grad_accum):
-            x, y = next(loader)
-            x0 = to_model_input(x.to(device, non_blocking=True), ds)
-            t = torch.randint(0, diffusion.num_timesteps, (len(x0),), device=device)
-            micro.append((x0, y.to(device, non_blocking=True), t, torch.randn_like(x0)))
-        for group in opt.param_groups:  # linear warm-up, then constant (DiT: constant)
-            group["lr"] = args.lr * min(1.0, (step + 1) / (args.warmup + 1))
-        opt.zero_grad(set_to_none=True)
-        losses, aux = accumulate(net, diffusion, micro, args, autocast)
-        opt.step()
-        if world > 1 and thresholds:  # each rank raced its own batch: average, so all ranks agree
-            mean = torch.stack(thresholds)
-            dist.all_reduce(mean)
-            torch._foreach_copy_(thresholds, list((mean / world).unbind()))
-        decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up, so short runs have a useful EMA
-        torch._foreach_lerp_(ema_params, params, 1 - decay)  # its thresholds are calibrated when used (S4)
+        # 4a. This step's micro-batches on the device, then one optimizer step (EMA included).
+        micro = device_batches([next(loader) for _ in range(args.grad_accum)], ds, device,
+                               diffusion.num_timesteps)
+        losses, aux = train_step(net, model, ema, opt, diffusion, micro, step, args, autocast)
         sums = {k: sums.get(k, 0) + v for k, v in losses.items()}
         n, done = n + 1, step + 1
-
-        # ---- log, checkpoint, then samples (a sampling failure never costs the training) ---------
         saving = done % args.save_every == 0 or done == args.steps
         sampling = args.sample_every and (done % args.sample_every == 0 or done == args.steps)
-        if done % args.log_every == 0 or saving or sampling:
-            record = report(done, n, sums, aux, t, time.time() - tick)
-            if not math.isfinite(record["loss"]):
-                raise Diverged(f"loss became {record['loss']} between steps {done - n} and {done}; "
-                               f"nothing saved since; {ckpt_path} keeps the last good state; lower --lr")
-            if saving or sampling:
-                checkpoint(done, sums)
-            if sampling and rank == 0:
-                tock = time.time()
-                scores = samples(done)
-                record.update(scores, sample_seconds=time.time() - tock)
-                if scores:
-                    log(f"  samples of step {done}: class accuracy {scores['accuracy']:.3f}, FD proxy "
-                        f"{scores['fd']:.2f} (halves {scores['fd_half_a']:.2f} / {scores['fd_half_b']:.2f})")
-            if rank == 0:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            sums, n, tick = {}, 0, time.time()
-    if rank == 0 and metrics.exists():
+        if not (done % args.log_every == 0 or saving or sampling):
+            continue
+
+        # 4b. Log the losses since the last record; stop before saving anything that diverged.
+        t = micro[-1][2]                                                  # the timesteps of `aux`
+        record = log_record(done, n, sums, aux, t, time.time() - tick, model, opt, args, world, device)
+        if not math.isfinite(record["loss"]):
+            raise Diverged(f"loss became {record['loss']} between steps {done - n} and {done}; "
+                           f"nothing saved since; {ckpt_path} keeps the last good state; lower --lr")
+
+        # 4c. Save, then sample: a sampling failure never costs the training.
+        if saving or sampling:
+            calibrate_ema(ema, diffusion, calib, ds, args.seed + done, autocast, device)
+            save(ckpt_path, done, model, ema, opt, cfg, args, sums, rank, world, device)
+        if sampling and rank == 0:
+            tock = time.time()
+            path = out / "samples" / f"step_{done:07d}.png"
+            scores = sample_grid(ema, diffusion, path, args, ds, vae, evaluator, autocast, device)
+            record.update(scores, sample_seconds=time.time() - tock)
+            if scores:
+                print(f"  samples of step {done}: class accuracy {scores['accuracy']:.3f}, FD proxy "
+                      f"{scores['fd']:.2f} (halves {scores['fd_half_a']:.2f} / {scores['fd_half_b']:.2f})")
+        if rank == 0:
+            with open(metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        sums, n, tick = {}, 0, time.time()
+
+    if rank == 0:
         plot_losses(metrics, out / "loss.png")
-    if world > 1 and thresholds:
-        every = [None] * world
-        dist.all_gather_object(every, [v.item() for v in thresholds])
-        log(f"thresholds identical across {world} ranks: {all(e == every[0] for e in every)}")
-    log(f"done in {time.time() - started:.0f} s: {ckpt_path}, {out / 'samples'}, {out / 'loss.png'}")
+        print(f"done in {time.time() - started:.0f} s: {ckpt_path}, {out / 'samples'}, {out / 'loss.png'}")
     if world > 1:
         dist.destroy_process_group()
 
 
 def main(argv=None):
-    prog = f"train.py (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "train.py"
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    prog = f"train.py (rank {rank})" if world > 1 else "train.py"
     args = parse_args(argv)
 
     def run():
         check_args(args)
         # A second run on the same folder stops here; rank 0 alone writes, so it alone locks.
-        with locked(args.out) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():
+        with locked(args.out) if rank == 0 else contextlib.nullcontext():
             train(args)
     run_main(prog, run)
 

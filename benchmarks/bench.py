@@ -11,7 +11,6 @@ forward + backward + AdamW step with the full loss (PLR, RSL); inference = one f
 with the calibrated threshold routing. Memory: peak allocated on CUDA; on CPU the bytes of the distinct
 tensors saved for backward (the activation memory), since CPU allocations are not tracked per model.
 """
-import argparse
 import contextlib
 import json
 import statistics
@@ -23,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
-from utils import atomic_write, use_bf16  # noqa: E402
+from runs import Parser, atomic_write  # noqa: E402
+from sample import autocast, use_bf16  # noqa: E402
 
 DEFAULT = "S/2:dense,S/2:race:2in8,S/2:race:4in16,S/2:race:8in32,S/2:token:2in8,S/2:expert:2in8"
 
@@ -57,14 +57,14 @@ def saved_bytes(model, args, batch, device):
     return sum(seen.values())
 
 
-def saved_bytes_model(spec, args, device, checkpointing):
+def saved_bytes_model(spec, args, device, recompute):
     """Blocks are identical and activations grow linearly with the batch, so the bytes saved at depth d and
     batch b are a + b*x + d*(w + b*z); four small forwards (d, b in {1, 2}) fit it exactly. Returns the
     full depth's (fixed bytes, bytes per image) and one block's (w, z)."""
     m = {}
     for d in (1, 2):
         model = build(spec, args, device, learn_sigma=True, depth=d)
-        model.grad_checkpointing = checkpointing
+        model.recompute = recompute
         m[d] = [saved_bytes(model, args, b, device) for b in (1, 2)]
     z = m[2][1] - m[2][0] - m[1][1] + m[1][0]                            # per block and image
     x, w = m[1][1] - m[1][0] - z, m[2][0] - m[1][0] - z                   # per image outside; per block
@@ -75,31 +75,31 @@ def saved_bytes_model(spec, args, device, checkpointing):
 def memory(specs, args, device, gpus=(80, 141), batch=256):
     """GPU training memory in bf16, estimated on any device without building the full model: 20 bytes per
     parameter (fp32 weight, gradient, AdamW's two moments and the EMA copy, all on the GPU) plus the bytes
-    saved for backward. With activation checkpointing the blocks keep only their inputs and backward holds
+    saved for backward. With activation recomputation the blocks keep only their inputs and backward holds
     one recomputed block. Allocator slack and backward's transient gradients come on top: lower bounds."""
     print(f"bf16 training memory (learned sigma, {args.channels}x{args.image_size}x{args.image_size}) from "
-          f"bytes saved for backward on {device}; 'ckpt': with --grad-checkpoint")
-    print(f"{'model':18s} {'params':>7s} {'state GiB':>9s} {'MiB/img':>8s} {'ckpt':>6s} "
-          f"{f'b={batch} GiB':>10s} {'ckpt':>6s} " + " ".join(f"{f'max b {g}G':>9s} {'ckpt':>5s}"
+          f"bytes saved for backward on {device}; 'recomp': with --recompute")
+    print(f"{'model':18s} {'params':>7s} {'state GiB':>9s} {'MiB/img':>8s} {'recomp':>6s} "
+          f"{f'b={batch} GiB':>10s} {'recomp':>6s} " + " ".join(f"{f'max b {g}G':>9s} {'recmp':>5s}"
                                                              for g in gpus))
     rows = []
     for spec in specs:
         with torch.device("meta"):
             params = sum(p.numel() for p in build(spec, args, "meta", learn_sigma=True).parameters())
-        plain, ckpt = (saved_bytes_model(spec, args, device, c) for c in (False, True))
+        plain, recomp = (saved_bytes_model(spec, args, device, c) for c in (False, True))
         w, z = plain[2]                                                   # the block backward recomputes
-        lines = {False: plain[:2], True: (ckpt[0] + w, ckpt[1] + z)}      # (fixed, per image) bytes
+        lines = {False: plain[:2], True: (recomp[0] + w, recomp[1] + z)}  # (fixed, per image) bytes
         gib = {(b, c): (20 * params + lines[c][0] + b * lines[c][1]) / 2**30
                for b in [batch] + [2**i for i in range(14)] for c in (False, True)}
         largest = {(g, c): max([b for b in (2**i for i in range(14)) if gib[b, c] <= 0.9 * g] or [0])
                    for g in gpus for c in (False, True)}
         row = dict(model=spec, params=params, state_gib=20 * params / 2**30,
-                   mib_per_image=plain[1] / 2**20, mib_per_image_ckpt=ckpt[1] / 2**20,
-                   batch_gib=gib[batch, False], batch_gib_ckpt=gib[batch, True],
-                   largest_micro_batch={f"{g}GiB{'_ckpt' if c else ''}": v for (g, c), v in largest.items()})
+                   mib_per_image=plain[1] / 2**20, mib_per_image_recompute=recomp[1] / 2**20,
+                   batch_gib=gib[batch, False], batch_gib_recompute=gib[batch, True],
+                   largest_micro_batch={f"{g}GiB{'_recompute' if c else ''}": v for (g, c), v in largest.items()})
         rows.append(row)
         print(f"{spec:18s} {params / 1e9:6.2f}B {row['state_gib']:9.1f} {row['mib_per_image']:8.1f} "
-              f"{row['mib_per_image_ckpt']:6.1f} {row['batch_gib']:10.1f} {row['batch_gib_ckpt']:6.1f} "
+              f"{row['mib_per_image_recompute']:6.1f} {row['batch_gib']:10.1f} {row['batch_gib_recompute']:6.1f} "
               + " ".join(f"{largest[g, False]:9d} {largest[g, True]:5d}" for g in gpus))
     print("max b: the largest power-of-two micro-batch within 90% of an 80 / 141 GiB GPU")
     return rows
@@ -111,8 +111,7 @@ def sync(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="bench.py", description=__doc__)
     p.add_argument("--models", default=DEFAULT,
                    help="comma list of SIZE/PATCH:ROUTING[:KinE]; the first is the baseline")
     p.add_argument("--batch-size", type=int, default=8)
@@ -141,8 +140,7 @@ def main(argv=None):
         if args.json:
             atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(dict(memory=rows), indent=1)))
         return
-    bf16 = use_bf16(args.precision, device)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    bf16, autocast_ = use_bf16(args.precision, device), autocast(args.precision, device)
     torch.manual_seed(0)
     specs = args.models.split(",")
     models = {s: build(s, args, device) for s in specs}
@@ -150,11 +148,10 @@ def main(argv=None):
     diffusion = R.Diffusion()
     B, C, S = args.batch_size, args.channels, args.image_size
     x0, y = torch.randn(B, C, S, S, device=device), torch.randint(0, args.num_classes, (B,), device=device)
-    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
     def train_step(s):
         models[s].train()
-        with autocast(), saved_for_backward() as seen:
+        with autocast_(), saved_for_backward() as seen:
             losses, _ = diffusion.training_losses(models[s], x0, y)
         opts[s].zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -164,7 +161,7 @@ def main(argv=None):
     @torch.no_grad()
     def infer(s):
         models[s].eval()
-        with autocast():
+        with autocast_():
             return models[s](x0, torch.full((B,), 500, device=device), y, return_aux=True)[1]
 
     times = {s: dict(train=[], infer=[]) for s in specs}

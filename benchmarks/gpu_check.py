@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
 from benchmarks import bench  # noqa: E402
-from utils import atomic_write  # noqa: E402
+from runs import atomic_write  # noqa: E402
 
 
 def grouped_equals_loop(device, dtype):

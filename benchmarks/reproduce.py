@@ -7,7 +7,7 @@ PLR help where its motivation applies, in a deep narrow model (S5)?
     python benchmarks/reproduce.py --quick      # a smoke run: a few steps each, in a temporary folder
 
 Every run uses train.py's small-scale recipe (built-in 16x16 shapes, XS/4, lr 1e-3, batch 64, EMA),
-the same budget and seeds 0..N-1; every MoE is 2in8 with split 2, so its activated compute equals the
+the same budget and seeds 0..N-1; every MoE is 2in8 with granularity 2, so its activated compute equals the
 dense MLP's. Per run: held-out epsilon-MSE on the test split at fixed (noise, timestep) per image;
 evaluate.py's class accuracy and FD proxy of --samples-per-class samples per class (DDIM, guidance 2);
 MaxVio and combination usage (Table 2) from the last training logs; experts per token by sampling
@@ -15,7 +15,6 @@ timestep (Fig. 6); for the deep pair, each block's contribution relative to the 
 Each claim gets a verdict: a difference larger than 2 standard errors over seeds supports or
 contradicts it, a smaller one cannot resolve it. Finished runs are skipped, interrupted ones resume.
 """
-import argparse
 import json
 import math
 import shutil
@@ -33,8 +32,10 @@ import race_dit as R  # noqa: E402
 import train  # noqa: E402
 from data import load_data, to_model_input  # noqa: E402
 from evaluate import Evaluator  # noqa: E402
-from utils import (RoutingStats, atomic_write, generate, line_chart, load_checkpoint, load_model,  # noqa: E402
-                   routing_chart, save_grid, to_uint8)
+from data import to_uint8  # noqa: E402
+from pictures import line_chart, experts_chart, save_grid  # noqa: E402
+from runs import Parser, atomic_write, load_checkpoint  # noqa: E402
+from sample import generate, load_model  # noqa: E402
 
 NO_AUX = ["--plr-weight", "0", "--rsl-weight", "0"]
 # name -> (train.py flags, inference routing, training run it shares)
@@ -71,7 +72,7 @@ def block_contributions(model, x0, y, d):
     changes the residual stream (the quantity behind the paper's Fig. 5)."""
     ratios = []
 
-    def measure(block, inputs, outputs):                                # inputs (x, c), outputs (x', info)
+    def measure(block, inputs, outputs):                                # inputs (x, c), outputs (x', layer_aux)
         x, new = inputs[0], outputs[0]
         ratios.append(((new - x).norm(dim=(1, 2)) / x.norm(dim=(1, 2))).mean().item())
     hooks = [block.register_forward_hook(measure) for block in model.blocks]
@@ -95,7 +96,7 @@ def score(ckpt_path, routing, test, evaluator, args):
     mse = sum(d.training_losses(model, xb, yb, t=tb, noise=nb)[0]["mse"].item() * len(xb)
               for xb, yb, tb, nb in zip(x.split(500), y.split(500), t.split(500), noise.split(500)))
     labels = torch.arange(10).repeat_interleave(args.samples_per_class)
-    stats = RoutingStats()
+    stats = R.ExpertsByTimestep()
     images = np.concatenate([
         to_uint8(generate(model, d, labels[i:i + 250], i, 0, args.sample_steps, 2.0, True, "ddim", stats))
         for i in range(0, len(labels), 250)])
@@ -139,7 +140,7 @@ def charts(results, names, seeds, out):
                "step", log_y=True, size=(900, 480), legend=[(n, c) for n, (*_, c, _) in zip(names, series)])
     race = results.get("race full recipe (+RSL) / seed 0", {})
     if "per_layer" in race:
-        routing_chart(race, out / "experts_by_timestep.png", 2)
+        experts_chart(race, out / "experts_by_timestep.png", 2)
     pair = [n for n in ("deep race -PLR", "deep race +PLR") if f"{n} / seed 0" in results]
     if pair:
         series = [(list(range(1, 1 + len(results[f"{n} / seed {s}"]["contributions"]))),
@@ -150,8 +151,7 @@ def charts(results, names, seeds, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="reproduce.py", description=__doc__)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples-per-class", type=int, default=20)

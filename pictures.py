@@ -1,0 +1,78 @@
+"""
+The PNG pictures every script writes: sample grids and line charts (loss curves, experts per token by
+timestep, benchmark charts), drawn with Pillow alone.
+"""
+import json
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from runs import atomic_write
+
+
+def save_grid(images, path, nrow):
+    """uint8 images (N, H, W, 3) -> one PNG, nrow images per row, 2 px gaps; images under 48 px are
+    enlarged by an integer factor (nearest neighbour) so that small samples can be seen."""
+    scale = max(1, 48 // images.shape[1])
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    N, H, W, _ = images.shape
+    grid = np.zeros((math.ceil(N / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, 3), np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = img
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+
+
+def line_chart(series, path, title, xlabel, size=(720, 420), pad=56, hline=None, log_y=False,
+               reverse_x=False, legend=()):
+    """One chart helper for every picture: series = [(x values, y values, RGB colour, width), ...];
+    legend = [(label, RGB colour), ...] is written in the top right corner."""
+    img = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(13)
+    W, H = size[0] - 2 * pad, size[1] - 2 * pad
+    fy = (lambda v: math.log10(max(v, 1e-12))) if log_y else (lambda v: v)
+    xs = [x for s in series for x in s[0]]
+    ys = [fy(v) for s in series for v in s[1] if math.isfinite(v)] + ([fy(hline)] if hline else [])
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = (min(ys), max(ys)) if log_y else (0.0, max(ys) * 1.1)
+    y1 = y1 if y1 > y0 else y0 + 1
+    def xy(x, v):
+        u = (x - x0) / (x1 - x0)
+        return pad + W * ((1 - u) if reverse_x else u), pad + H * (1 - (fy(v) - y0) / (y1 - y0))
+    draw.rectangle([pad, pad, pad + W, pad + H], outline="black")
+    for v in np.linspace(y0, y1, 6):
+        label = f"{10 ** v:.3g}" if log_y else f"{v:.3g}"
+        draw.text((4, pad + H * (1 - (v - y0) / (y1 - y0)) - 7), label, fill="black", font=font)
+    for x in np.linspace(x0, x1, 6):
+        left = pad + W * (((x1 - x) if reverse_x else (x - x0)) / (x1 - x0))
+        draw.text((left - 12, pad + H + 8), f"{x:.0f}", fill="black", font=font)
+    if hline:
+        draw.line([xy(x0, hline), xy(x1, hline)], fill=(170, 170, 170))
+    for x, y, colour, width in series:
+        points = [xy(a, b) for a, b in zip(x, y) if math.isfinite(b)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=width)
+    for i, (label, colour) in enumerate(legend):
+        draw.text((pad + W - 230, pad + 6 + 15 * i), label, fill=colour, font=font)
+    draw.text((pad, 18), title, fill="black", font=font)
+    draw.text((pad + W // 2 - 30, size[1] - 22), xlabel, fill="black", font=font)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def plot_losses(metrics, path):
+    """The loss curve of a run from its metrics.jsonl (total and epsilon-MSE, log scale)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    line_chart([(steps, [r["loss"] for r in records], (30, 30, 30), 2),
+                (steps, [r["mse"] for r in records], (40, 110, 240), 2)],
+               path, "training loss (black: total, blue: epsilon MSE)", "step", log_y=True)
+
+
+def experts_chart(stats, path, k):
+    n = len(stats["per_layer"])
+    colour = lambda i: (int(40 + 200 * i / max(n - 1, 1)), 110, int(240 - 200 * i / max(n - 1, 1)))
+    series = [(stats["timesteps"], v, colour(i), 1) for i, v in enumerate(stats["per_layer"])]
+    line_chart(series + [(stats["timesteps"], stats["mean"], (0, 0, 0), 3)], path,
+               f"experts per token: layers shallow (blue) to deep (red), mean (black), k = {k} (grey)",
+               "timestep (noisy -> clean)", hline=k, reverse_x=True)

@@ -1,0 +1,147 @@
+"""
+What keeps a run's files safe and its failures short, for every script: errors that end a script as
+one line on stderr, the argument parser, atomic writes, the run-folder lock and the checkpoint file.
+"""
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+CKPT_FORMAT = "race-dit-checkpoint-v1"
+CKPT_KEYS = ("model", "ema", "opt", "step", "config", "args", "rng")
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr and exit status 2."""
+
+
+class Diverged(Exception):
+    """A non-finite loss or weight: one line on stderr and exit status 3."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit 2), like every other error here, and which
+    takes no abbreviations: a flag's old name must fail, not match a new one by its prefix."""
+
+    def __init__(self, **kw):
+        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(allow_abbrev=False, **kw)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def require(ok, message):
+    if not ok:
+        raise UserError(message)
+
+
+def disk_full(e):
+    """Whether e, or an exception it was raised from or during, is a full disk or quota. torch.save
+    reports one as a RuntimeError of its zip writer raised while handling the OSError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def run_main(prog, fn):
+    """Run fn(); a UserError, Diverged or full disk becomes one line on stderr and a non-zero exit."""
+    try:
+        return fn()
+    except (UserError, Diverged) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(3 if isinstance(e, Diverged) else 2)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        print(f"{prog}: error: no space left on device; free some space and rerun: files written "
+              "before are intact", file=sys.stderr)
+        sys.exit(2)
+
+
+def atomic_write(path, write):
+    """write(tmp_path), then rename over path: an interrupted or failed write (kill, full disk) leaves
+    the old file intact and no temporary file behind. Every file the project writes goes through here."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # suffix kept: np.save adds one
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def writable_folder(path, what):
+    """Fail before any work when an output's folder is missing or read-only."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise UserError(f"{what}: the folder {folder} does not exist; create it or choose another path")
+    try:  # a real write: permission bits alone do not tell for root or a read-only file system
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        raise UserError(f"{what}: the folder {folder} is not writable; choose another path") from None
+
+
+@contextlib.contextmanager
+def locked(folder):
+    """An exclusive lock on a run folder while the block runs. A second run on the same folder fails at
+    once; the kernel drops the lock of a killed process, so no stale lock can block."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another running process; "
+                        "wait for it or choose another --out") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, state):
+    """Atomically, through a Python file object, so that a full disk surfaces as its OSError."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save({"format": CKPT_FORMAT, **state}, f)
+    atomic_write(path, write)
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint, memory-mapped (only what is read is loaded), with every key checked."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise UserError(f"{path} is not a race-dit checkpoint (written by this project's train.py)")
+    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    require(not missing, f"{path} is incomplete: it has no {', '.join(missing)}")
+    return ckpt
+
+
+def keep_metrics(path, upto):
+    """Keep the records of steps <= upto (the checkpoint's step): a restart redoes the others. A line
+    cut by a kill mid-write is dropped too."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= upto:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
