@@ -2,13 +2,14 @@
 of the data and file helpers they share, on tiny inputs the tests create. CPU only, no network."""
 import argparse
 import contextlib
+import copy
 import errno
-import fcntl
 import gzip
 import hashlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -17,14 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 import data
 import evaluate
 import extract_latents
-import sample
+import race_dit as R
 import runs
+import sample
 import train
 from conftest import FAST, run_train
 
@@ -62,6 +66,96 @@ def test_train_end_to_end_writes_checkpoint_metrics_grid_and_loss_chart(tmp_path
     assert grid.size == (8 * 50 + 2, 10 * 50 + 2)                        # 10 classes x 8 samples
     assert Image.open(tmp_path / "loss.png").size == (720, 420)
     assert not list(tmp_path.glob(".*tmp*"))                             # no temporary file left
+
+
+def step_parts(argv, data_dir=None):
+    """What train() builds for one process: flags, data, model, EMA copy, AdamW, the batch iterator."""
+    args = train.parse_args([*FAST, *argv])
+    ds = data.load_data(args.data, data_dir or args.data_dir, args.image_size, "train", args.num_classes)
+    torch.manual_seed(0)
+    model = R.RaceDiT(train.model_config(args, ds))
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    order = data.BatchOrder(len(ds), args.batch_size, 0, 0, accum=args.grad_accum)
+    return args, ds, model, ema, opt, iter(torch.utils.data.DataLoader(ds, batch_sampler=order))
+
+
+def test_the_ema_is_the_average_of_the_weights_and_never_joins_the_autograd_graph():
+    args, ds, model, ema, opt, loader = step_parts([])
+    diffusion, cpu, fp32 = R.Diffusion(), torch.device("cpu"), contextlib.nullcontext
+    want = [p.detach().clone() for p in model.parameters()]
+    for step in range(3):
+        micro = train.device_batches([next(loader)], ds, cpu, 1000)
+        train.train_step(model, model, ema, opt, diffusion, micro, step, args, fp32)
+        d = min(args.ema_decay, (1 + step) / (10 + step))
+        want = [d * w + (1 - d) * p.detach() for w, p in zip(want, model.parameters())]
+    for e, w in zip(ema.parameters(), want):
+        assert e.grad_fn is None and e.is_leaf and not e.requires_grad
+        torch.testing.assert_close(e, w)
+
+
+def write_latents(folder, n=16, size=8, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    np.save(folder / "moments.npy", rng.standard_normal((n, 2, 8, size, size), dtype=np.float32))
+    np.save(folder / "labels.npy", rng.integers(0, 10, n))
+    return folder
+
+
+def test_a_whole_training_step_reads_no_tensor_back_to_the_host(tmp_path, monkeypatch):
+    """The CPU stand-in for gpu_check.py's set_sync_debug_mode("error") over train.py's step: latent data
+    to the device, two micro-batches, AdamW, the thresholds averaged over a (one-process) group, the
+    EMA; with and without recomputation. AdamW's step counts are the one exception: on CUDA too they
+    live on the host, so reading them is no synchronisation."""
+    argv = ["--data", "latents", "--num-classes", "10", "--batch-size", "4", "--grad-accum", "2"]
+    args, ds, model, ema, opt, loader = step_parts(argv, write_latents(tmp_path / "lat"))
+    diffusion, cpu, fp32 = R.Diffusion(), torch.device("cpu"), contextlib.nullcontext
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        step = lambda i, raw: train.train_step(model, model, ema, opt, diffusion,
+                                               train.device_batches(raw, ds, cpu, 1000), i, args, fp32)
+        step(0, [next(loader), next(loader)])                            # the optimizer's lazy state
+        host_side = {id(state["step"]) for state in opt.state.values()}
+        raws = [[next(loader), next(loader)] for _ in range(2)]          # the loader's index lists: host
+        for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__",
+                     "__index__"):
+            def host_read(self, *a, original=getattr(torch.Tensor, name), **k):
+                assert id(self) in host_side, "a tensor was read on the host"
+                return original(self, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, host_read)
+        for i, recompute in enumerate((False, True)):
+            model.recompute = recompute
+            step(1 + i, raws[i])
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+    assert all(m.threshold_updates == 6 for m in model.moe_layers())     # 3 steps x 2 races
+
+
+class NoHostTensors(TorchFunctionMode):
+    """Fails any call that mixes a host tensor (not a scalar) with a meta one: meta stands in for a GPU,
+    where such a call copies from pageable host memory and synchronises."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        def tensors(v):
+            if isinstance(v, torch.Tensor):
+                return [v]
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else []
+            return [t for item in items for t in tensors(item)]
+        found = tensors([args, kwargs or {}])
+        if any(t.device.type == "meta" for t in found):
+            assert all(t.device.type == "meta" or t.dim() == 0 for t in found), func
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("latent", [True, False])
+def test_the_data_path_makes_every_tensor_on_the_batchs_device(latent):
+    ds = argparse.Namespace(latent=latent)
+    x = torch.zeros((4, 2, 8, 4, 4) if latent else (4, 3, 4, 4), device="meta")
+    with NoHostTensors():
+        [(x0, y, t, noise)] = train.device_batches([(x, torch.arange(4))], ds, torch.device("meta"), 1000)
+    assert all(v.device.type == "meta" for v in (x0, y, t, noise))
+    assert x0.shape == (4, 4 if latent else 3, 4, 4)
 
 
 def test_warmup_ramps_the_learning_rate_linearly(tmp_path):
@@ -162,18 +256,27 @@ def test_a_second_run_on_a_locked_folder_fails_at_once(tmp_path, capsys):
     assert (tmp_path / "ckpt.pt").exists()
 
 
-def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, capsys):
+def test_a_full_disk_during_torch_save_is_one_line_and_keeps_the_old_file(tmp_path, capsys):
+    """The temporary file is /dev/full, so torch.save's zip writer fails as on a full disk: a
+    RuntimeError raised while handling the OSError."""
     path = tmp_path / "ckpt.pt"
     path.write_bytes(b"old")
-
-    def fill(tmp):
-        tmp.write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    os.symlink("/dev/full", tmp_path / f".ckpt.{os.getpid()}.tmp.pt")
+    state = dict(model={"w": torch.zeros(100_000)})
     with pytest.raises(SystemExit) as e:
-        runs.run_main("train.py", lambda: runs.atomic_write(path, fill))
+        runs.run_main("train.py", lambda: runs.save_checkpoint(path, state))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no space left on device" in err and err.count("\n") == 1
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_three_images_and_batch_size_one_train_and_save(tmp_path):
+    for i in range(3):
+        (tmp_path / "imgs" / "cat").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (200, 20 * i, 0)).save(tmp_path / "imgs" / "cat" / f"{i}.png")
+    run_train(tmp_path / "run", "--data", str(tmp_path / "imgs"), "--batch-size", "1", "--save-every", "2",
+              "--sample-every", "0")
+    assert runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 4
 
 
 RECORD_THRESHOLDS = """
@@ -444,6 +547,30 @@ def test_foreign_or_corrupted_checkpoint_is_refused(tmp_path, capsys, ckpt, cont
     expect_error(capsys, sample.main, ["--ckpt", str(path)], message)
 
 
+def test_a_checkpoint_with_missing_keys_is_refused_in_one_line(tmp_path, capsys, ckpt):
+    state = torch.load(ckpt, weights_only=True)
+    del state["ema"], state["rng"]
+    torch.save(state, tmp_path / "ckpt.pt")
+    expect_error(capsys, sample.main, ["--ckpt", str(tmp_path / "ckpt.pt")], "incomplete: it has no ema, rng")
+    argv = [*FAST, "--out", str(tmp_path), "--resume"]
+    expect_error(capsys, train.main, argv, "incomplete: it has no ema, rng")
+
+
+def test_a_flag_is_never_taken_for_a_prefix_of_another(ckpt, capsys, tmp_path):
+    """--routing was the old name of --inference-routing; it must fail, not write a file named topk."""
+    expect_error(capsys, sample.main, ["--ckpt", ckpt, "--routing", "topk"], "unrecognized arguments")
+    argv = [*FAST, "--steps", "1", "--out", str(tmp_path), "--expert", "2in8"]
+    expect_error(capsys, train.main, argv, "unrecognized arguments")
+
+
+def test_precision_fp32_is_the_cpu_default_and_bf16_samples_close_to_it(ckpt, tmp_path):
+    for name, flags in (("auto", []), ("fp32", ["--precision", "fp32"]), ("bf16", ["--precision", "bf16"])):
+        run_sample(ckpt, "--npz", str(tmp_path / f"{name}.npz"), "--out", "", *flags)
+    auto, fp32, bf16 = (np.load(tmp_path / f"{n}.npz")["arr_0"].astype(int) for n in ("auto", "fp32", "bf16"))
+    assert np.array_equal(auto, fp32) and not np.array_equal(fp32, bf16)
+    assert np.abs(fp32 - bf16).mean() < 8                                 # of 255 levels
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--labels", "3,x"], "--labels must be comma-separated classes"), (["--labels", "10"], "in 0..9"),
     (["--labels", "²"], "--labels must be"), (["--steps", "0"], "--steps"),
@@ -538,8 +665,9 @@ def test_benchmarks_refuse_bad_input_in_one_line(script, argv, msg, capsys):
     from benchmarks import bench, reproduce
     with pytest.raises(SystemExit) as e:
         {"bench": bench, "reproduce": reproduce}[script].main(argv)
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"{script}.py: error:") and msg in err
+    assert err.count("\n") == 1, err                                    # no usage block before it
 
 
 def test_bench_memory_estimate_equals_a_direct_measurement_of_the_full_model():
@@ -557,10 +685,57 @@ def test_bench_memory_estimate_equals_a_direct_measurement_of_the_full_model():
     assert row["mib_per_image_recompute"] < row["mib_per_image"] / 3
 
 
-def test_gpu_check_runs_its_cpu_parts(tmp_path):
-    from benchmarks import gpu_check
+GPU_CHECK_STAGES = {"device", "torch", "seconds", "grouped_vs_loop", "grouped_mm_chosen", "sync_free_step",
+                    "loss_first_last", "loss_falls", "bench", "largest_xl2_4in32_batch",
+                    "largest_xl2_4in32_batch_recompute", "memory_estimate"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
+def test_gpu_check_writes_every_stage_keeps_them_on_a_crash_and_needs_cuda_for_full_sizes(
+        tmp_path, capsys, monkeypatch):
+    from benchmarks import bench, gpu_check
+    expect_error(capsys, gpu_check.main, ["--json", str(tmp_path / "full.json")], "no CUDA device")
+    assert not (tmp_path / "full.json").exists()
     result = gpu_check.main(["--tiny", "--json", str(tmp_path / "g.json")])
-    assert result["grouped_vs_loop"]["ok"] and result["grouped_mm_chosen"] is True   # CPU: fp32
-    assert len(result["bench"]) == 3 and result["largest_xl2_4in32_batch"] == 8
-    assert result["largest_xl2_4in32_batch_ckpt"] == 16 and result["memory_estimate"][0]["mib_per_image"] > 0
-    assert json.loads((tmp_path / "g.json").read_text())["loss_first_last"] == result["loss_first_last"]
+    assert set(result) == set(json.loads((tmp_path / "g.json").read_text())) == GPU_CHECK_STAGES
+    assert result["grouped_vs_loop"]["ok"] and len(result["bench"]) == 3
+
+    def crash(argv):
+        raise RuntimeError("a crash in the bench stage")
+    monkeypatch.setattr(bench, "main", crash)
+    with pytest.raises(RuntimeError, match="bench stage"):
+        gpu_check.main(["--tiny", "--json", str(tmp_path / "crash.json")])
+    kept = json.loads((tmp_path / "crash.json").read_text())
+    assert "loss_falls" in kept and "bench" not in kept
+
+
+def test_gpu_check_largest_batch_stops_at_either_form_of_out_of_memory(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+    cpu = torch.device("cpu")
+    errors = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+              RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")]
+    for error in [*errors, RuntimeError("mat1 and mat2 shapes cannot be multiplied")]:
+        def step(self, sync_check=False, error=error):
+            if self.args.batch_size >= 32:
+                raise error
+        monkeypatch.setattr(gpu_check.Run, "train_step", step)
+        if error in errors:
+            assert gpu_check.largest_batch("XS/8", "2in8", 8, cpu, tmp_path, False, 4096) == 16
+        else:
+            with pytest.raises(RuntimeError, match="shapes"):               # not memory: reported
+                gpu_check.largest_batch("XS/8", "2in8", 8, cpu, tmp_path, False, 4096)
+
+
+def test_the_torch_floor_is_the_first_release_with_every_api_the_code_calls():
+    """F.grouped_mm is public from torch 2.10 (torch._grouped_mm before): the floor says so everywhere."""
+    floors = [re.search(r"torch>=([0-9.]+)", (ROOT / f).read_text()).group(1)
+              for f in ("requirements.txt", ".ci/run")]
+    assert floors == ["2.10", "2.10"] and "torch 2.10" in (ROOT / "README.md").read_text()
+    assert hasattr(F, "grouped_mm")
+
+
+def test_soak_reports_flat_memory_and_no_ema_graph(capsys):
+    from benchmarks import soak
+    rows, slopes = soak.main(["--steps", "6", "--every", "2"])
+    assert [r["step"] for r in rows] == [2, 4, 6] and all(r["ema_nodes"] == 0 for r in rows)
+    assert slopes["ema_nodes_per_step"] == 0 and "slopes after step 2" in capsys.readouterr().out

@@ -4,26 +4,40 @@ One command for whoever has a GPU for a few minutes (about 5 minutes on one H100
     python benchmarks/gpu_check.py --json benchmarks/gpu_check.json
 
 1. grouped GEMM vs the loop over experts in bf16, forward and backward, with an expert that gets no rows;
-2. a training step under torch.cuda.set_sync_debug_mode("error"), with and without --grad-checkpoint;
-3. 50 bf16 training steps of B/2-2in8 on synthetic latents: the loss must fall;
+2. train.py's own step (latent data through the pinned loader, accumulation, AdamW, the thresholds
+   averaged over a one-process group, the EMA) at B/2-2in8, batch 32, under
+   torch.cuda.set_sync_debug_mode("error"), with and without --recompute;
+3. 50 bf16 steps of that step at batch 256: the loss must fall;
 4. bench.py: B/2 dense vs race vs token at batch 256 (images/s, peak memory);
-5. the largest XL/2-4in32 micro-batch that fits for a training step, without and with --grad-checkpoint,
-   next to bench.py's estimate of it.
-`--tiny` runs the same checks on tiny sizes (on CPU, the sync check is skipped): the test suite does.
+5. the largest XL/2-4in32 micro-batch for a training step with the EMA copy resident, without and
+   with --recompute, next to bench.py's estimate of it.
+The JSON is rewritten after every stage, so a crash keeps the stages before it. `--tiny` runs the same
+stages at tiny sizes on a CPU (the sync check needs CUDA); full sizes refuse to run without CUDA.
 """
 import argparse
-import contextlib
+import copy
+import gc
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
+import train  # noqa: E402
 from benchmarks import bench  # noqa: E402
-from runs import atomic_write  # noqa: E402
+from data import BatchOrder, load_data  # noqa: E402
+from runs import Parser, atomic_write  # noqa: E402
+from sample import autocast  # noqa: E402
+
+TINY = dict(model="XS/8", big="XS/8", batch=4, sync_batch=4, steps=6, size=8, limit=8)
+FULL = dict(model="B/2", big="XL/2", batch=256, sync_batch=32, steps=50, size=32, limit=4096)
 
 
 def grouped_equals_loop(device, dtype):
@@ -40,97 +54,141 @@ def grouped_equals_loop(device, dtype):
     return dict(max_relative_error=max(errors), ok=max(errors) < 2e-2)
 
 
-def make(name, experts, device, size):
-    """A latent model as train.py builds it (learned sigma), on the device itself (XL/2-4in32's 2.8B
-    parameters initialise in seconds), with AdamW."""
-    cfg = R.make_config(name, experts, input_size=size, in_channels=4, learn_sigma=True)
-    with torch.device(device):
-        model = R.RaceDiT(cfg).to(device)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+class Run:
+    """What train.py builds for a latent run: flags, data, model, EMA copy, AdamW, loader, precision."""
 
+    def __init__(self, name, experts, batch, size, device, folder):
+        n = max(2 * batch, 64)
+        rng = np.random.default_rng(0)
+        np.save(folder / "moments.npy", rng.standard_normal((n, 2, 8, size, size), dtype=np.float32))
+        np.save(folder / "labels.npy", rng.integers(0, 1000, n))
+        self.args = train.parse_args(["--data", "latents", "--data-dir", str(folder), "--model", name,
+                                      "--experts", experts, "--batch-size", str(batch)])
+        self.ds = load_data("latents", str(folder), num_classes=1000)
+        cfg = train.model_config(self.args, self.ds)
+        with torch.device(device):                                       # 2.8B parameters in seconds
+            self.model = R.RaceDiT(cfg)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.args.lr, weight_decay=0)
+        order = BatchOrder(len(self.ds), batch, 0, 0)
+        self.loader = iter(torch.utils.data.DataLoader(self.ds, batch_sampler=order,
+                                                       pin_memory=device.type == "cuda"))
+        self.device, self.diffusion = device, R.Diffusion()
+        self.autocast, self.step = autocast("bf16", device), 0
 
-def train_steps(model, opt, batch, steps, no_sync_check=False):
-    device, size = next(model.parameters()).device, model.cfg.input_size
-    d = R.Diffusion()
-    g = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.randn(batch, 4, size, size, device=device, generator=g)
-    y = torch.randint(0, 1000, (batch,), device=device, generator=g)
-    losses = []
-    for i in range(steps):
-        check = no_sync_check and i == steps - 1 and device.type == "cuda"
-        with torch.autocast(device.type, torch.bfloat16), contextlib.ExitStack() as stack:
-            if check:
-                torch.cuda.set_sync_debug_mode("error")
-                stack.callback(torch.cuda.set_sync_debug_mode, "default")
-            loss = d.training_losses(model, x0, y)[0]["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        losses.append(loss.detach())
-    return [v.item() for v in losses]
-
-
-def largest_batch(model, opt, start=8, limit=4096):
-    """Doubles the micro-batch until a training step runs out of memory; the optimizer state counts."""
-    best, batch = 0, start
-    while batch <= limit:
+    def train_step(self, sync_check=False):
+        """train.py's data path and step; the loader's own work (CPU index lists) comes first."""
+        raw = [next(self.loader)]
+        check = sync_check and self.device.type == "cuda"
+        if check:
+            torch.cuda.set_sync_debug_mode("error")
         try:
-            train_steps(model, opt, batch, 1)
+            micro = train.device_batches(raw, self.ds, self.device, self.diffusion.num_timesteps)
+            losses, _ = train.train_step(self.model, self.model, self.ema, self.opt, self.diffusion,
+                                         micro, self.step, self.args, self.autocast)
+        finally:
+            if check:
+                torch.cuda.set_sync_debug_mode("default")
+        self.step += 1
+        return losses["loss"]
+
+
+def out_of_memory(e):
+    """An allocation failure, as the caching allocator reports it or as cuBLAS / CUDA do."""
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text))
+
+
+def free_memory(run=None):
+    if run is not None:
+        run.opt.zero_grad(set_to_none=True)                               # a failed backward's grads
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def largest_batch(name, experts, size, device, folder, recompute, limit):
+    """Doubles the micro-batch until a training step runs out of memory; optimizer state, gradients and
+    the EMA copy are resident, as in train.py."""
+    best, batch = 0, 8
+    while batch <= limit:
+        run = None
+        try:
+            run = Run(name, experts, batch, size, device, folder)
+            run.model.recompute = recompute
+            run.train_step()
             best, batch = batch, batch * 2
-        except torch.OutOfMemoryError:
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
             break
         finally:
-            opt.zero_grad(set_to_none=True)                               # a failed backward's partial grads
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory(run)
+            del run
+            free_memory()
     return best
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="gpu_check.py", description=__doc__)
     p.add_argument("--tiny", action="store_true", help="tiny sizes, for a CPU smoke test")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", help="written after every stage")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tiny, full = ("XS/8", "XS/8", 4, 6, 8), ("B/2", "XL/2", 256, 50, 32)
-    name, big, batch, steps, size = tiny if args.tiny else full  # model, big model, batch, steps, size
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    result = dict(device=gpu, torch=torch.__version__)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        p.error("no CUDA device: the full sizes need a GPU (--tiny runs the stages on a CPU)")
+    device = torch.device("cuda" if cuda else "cpu")
+    s = TINY if args.tiny else FULL
+    result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)
     tick = time.time()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    result["grouped_vs_loop"] = grouped_equals_loop(device, dtype)
-    result["grouped_mm_chosen"] = R.use_grouped_mm(device, torch.bfloat16)
-    try:
-        model, opt = make(name, "2in8", device, size)
-        for checkpointing in (False, True):
-            model.grad_checkpointing = checkpointing
-            train_steps(model, opt, 8, 2, no_sync_check=True)
-        result["sync_free_step"] = device.type == "cuda" or "not checked on CPU"
-    except RuntimeError as e:
-        result["sync_free_step"] = f"failed: {str(e).splitlines()[0]}"
-    losses = train_steps(*make(name, "2in8", device, size), batch, steps)
-    result["loss_first_last"] = [losses[0], sum(losses[-5:]) / 5]
-    result["loss_falls"] = result["loss_first_last"][1] < result["loss_first_last"][0]
-    bench_json = Path(args.json or "gpu_check.json").with_suffix(".bench.json")
-    models = ",".join(f"{name}:{r}" for r in ("dense", "race:2in8", "token:2in8"))
-    bench.main(["--models", models, "--batch-size", str(batch), "--rounds", "1" if args.tiny else "5",
-                "--warmup", "0" if args.tiny else "2", "--image-size", str(size),
+
+    def stage(key, value):
+        result[key], result["seconds"] = value, time.time() - tick
+        print(json.dumps({key: value}), flush=True)
+        if args.json:
+            atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+
+    folder = Path(tempfile.mkdtemp())
+    stage("grouped_vs_loop", grouped_equals_loop(device, torch.bfloat16 if cuda else torch.float32))
+    stage("grouped_mm_chosen", R.use_grouped_mm(device, torch.bfloat16))
+    # A one-process group, so that the step averages the thresholds as under torchrun.
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder / 'store'}",
+                            rank=0, world_size=1)
+    run = Run(s["model"], "2in8", s["sync_batch"], s["size"], device, folder)
+    sync = {}
+    for recompute in (False, True):
+        run.model.recompute = recompute
+        run.train_step()                                                  # warm-up: lazy state
+        try:
+            run.train_step(sync_check=True)
+            sync[f"recompute={recompute}"] = "no host sync" if cuda else "not checked on CPU"
+        except RuntimeError as e:
+            sync[f"recompute={recompute}"] = f"failed: {str(e).splitlines()[0]}"
+    stage("sync_free_step", sync)
+    del run
+    free_memory()
+    run = Run(s["model"], "2in8", s["batch"], s["size"], device, folder)
+    losses = [run.train_step() for _ in range(s["steps"])]
+    losses = [v.item() for v in losses]
+    stage("loss_first_last", [losses[0], sum(losses[-5:]) / 5])
+    stage("loss_falls", result["loss_first_last"][1] < result["loss_first_last"][0])
+    del run
+    free_memory()
+    dist.destroy_process_group()
+    bench_json = folder / "bench.json"
+    models = ",".join(f"{s['model']}:{r}" for r in ("dense", "race:2in8", "token:2in8"))
+    bench.main(["--models", models, "--batch-size", str(s["batch"]), "--rounds", "1" if args.tiny else "5",
+                "--warmup", "0" if args.tiny else "2", "--image-size", str(s["size"]),
                 "--json", str(bench_json)])
-    result["bench"] = json.loads(bench_json.read_text())["rows"]
-    bench_json.unlink()
-    limit = 8 if args.tiny else 4096
-    model, opt = make(big, "4in32", device, size)
-    result["largest_xl2_4in32_batch"] = largest_batch(model, opt, limit=limit)
-    model.grad_checkpointing = True
-    result["largest_xl2_4in32_batch_ckpt"] = largest_batch(model, opt, limit=2 * limit)
-    del model, opt
-    shape = argparse.Namespace(image_size=size, channels=4, num_classes=1000)
-    result["memory_estimate"] = bench.memory([f"{big}:race:4in32"], shape, device)  # against the measured
-    result["seconds"] = time.time() - tick
-    print(json.dumps({k: v for k, v in result.items() if k != "bench"}, indent=1))
-    if args.json:
-        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    stage("bench", json.loads(bench_json.read_text())["rows"])
+    for recompute in (False, True):
+        key = "largest_xl2_4in32_batch" + ("_recompute" if recompute else "")
+        limit = s["limit"] * (2 if recompute else 1)
+        stage(key, largest_batch(s["big"], "4in32", s["size"], device, folder, recompute, limit))
+    shape = argparse.Namespace(image_size=s["size"], channels=4, num_classes=1000)
+    stage("memory_estimate", bench.memory([f"{s['big']}:race:4in32"], shape, device))
+    shutil.rmtree(folder)
     return result
 
 
