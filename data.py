@@ -95,7 +95,8 @@ class FolderDataset(torch.utils.data.Dataset):
     def read(self, f, draft=False):
         try:
             with Image.open(f) as img:
-                if draft:  # JPEG: decode at reduced resolution, enough to find a broken file quickly
+                # JPEG: decode at reduced resolution, enough to find a broken file quickly
+                if draft:
                     img.draft("RGB", (self.size, self.size))
                 img.load()
                 return center_crop(img, self.size)
@@ -131,10 +132,10 @@ def make_shapes(n=10_000, size=32, seed=0):
                  (np.minimum(abs(dx), abs(dy)) < r_ / 3) & (box < r_),
                  (dy < r_ * 0.8) & (abs(dx) < (dy + r_) * 0.6),
                  (np.hypot(dx - r_ * 0.7, dy) < r_ * 0.45) | (np.hypot(dx + r_ * 0.7, dy) < r_ * 0.45),
-                 (box < r_) & (np.sin(dy * 40 + ph[s]) > 0),                        # textured square patches
+                 (box < r_) & (np.sin(dy * 40 + ph[s]) > 0),               # textured square patches
                  (box < r_) & (np.sin(dx * 40 + ph[s]) > 0),
                  (box < r_) & ((np.sin(dx * 30 + ph[s]) > 0) ^ (np.sin(dy * 30) > 0))]
-        mask = np.choose(y[s, None, None], masks)                                  # each image its class's
+        mask = np.choose(y[s, None, None], masks)                           # each image its class's
         noise = rng.uniform(0, 40, (len(mask), 1, size, size))
         img[s] = (mask[:, None] * colours[y[s]][:, :, None, None] * light[s] + noise).clip(0, 255)
     return ArrayDataset(img, y, 10, "shapes")

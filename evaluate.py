@@ -54,7 +54,7 @@ def frechet_distance(mu1, cov1, mu2, cov2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * cross)
 
 
-def moments(features):
+def mean_and_cov(features):
     f = np.asarray(features, np.float64)
     return f.mean(0), np.cov(f, rowvar=False)
 
@@ -69,7 +69,7 @@ class Evaluator:
         cache = Path(cache_dir or data_dir) / f"classifier-{data}-{image_size}-seed{seed}.pt"
         test = load_data(data, data_dir, image_size, "test")
         self.channels = test[0][0].shape[0]
-        with torch.random.fork_rng():                                       # the caller's RNG is untouched
+        with torch.random.fork_rng():                                # the caller's RNG is untouched
             torch.manual_seed(seed)
             self.net = Classifier(self.channels, test.num_classes).eval()
         if cache.exists():
@@ -87,7 +87,7 @@ class Evaluator:
         for _ in range(epochs):
             for idx in torch.randperm(len(x), generator=g).split(128):
                 xb = torch.where(torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5, x[idx].flip(-1), x[idx])
-                loss = F.cross_entropy(self.net(xb)[1], y[idx])             # flips: the generator's too
+                loss = F.cross_entropy(self.net(xb)[1], y[idx])         # flips: the generator's too
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -98,7 +98,7 @@ class Evaluator:
         # left out, since dividing by their tiny spread would let them dominate.
         std = feats.std(0)
         self.scale = np.where(std > 0.01 * np.median(std), std, np.inf)
-        self.ref = moments(feats / self.scale)
+        self.ref = mean_and_cov(feats / self.scale)
         state = dict(net=self.net.state_dict(), test_accuracy=self.test_accuracy,
                      scale=torch.from_numpy(self.scale), mu=torch.from_numpy(self.ref[0]),
                      cov=torch.from_numpy(self.ref[1]))
@@ -117,11 +117,11 @@ class Evaluator:
     def score(self, images, labels):
         """images: uint8 (N, H, W, 3) as sample.py and train.py write them; labels (N,) the classes asked
         for. Returns the class accuracy and the FD proxy of all samples and of two disjoint halves."""
-        x = images.transpose(0, 3, 1, 2)[:, :self.channels]                # grey samples were replicated
+        x = images.transpose(0, 3, 1, 2)[:, :self.channels]           # grey samples were replicated
         feats, logits = self.features(x)
         feats = feats / self.scale
-        half = np.arange(len(x)) % 2 == 0                        # alternate: both halves hold every class
-        fd = lambda m: frechet_distance(*moments(feats[m]), *self.ref)
+        half = np.arange(len(x)) % 2 == 0                  # alternate: both halves hold every class
+        fd = lambda m: frechet_distance(*mean_and_cov(feats[m]), *self.ref)
         return dict(accuracy=float((logits.argmax(1) == labels).mean()), fd=fd(np.ones(len(x), bool)),
                     fd_half_a=fd(half), fd_half_b=fd(~half), n=len(x),
                     classifier_test_accuracy=self.test_accuracy)

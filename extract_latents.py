@@ -29,7 +29,8 @@ def extract_latents(folder, out_dir, image_size, encode, device, batch=64, worke
     try:
         for i, (x, _) in enumerate(loader):
             x = x.to(device).float() / 127.5 - 1
-            both = torch.stack([torch.cat(encode(v), dim=1) for v in (x, x.flip(-1))], dim=1)  # (B,2,2C,h,w)
+            # (B,2,2C,h,w)
+            both = torch.stack([torch.cat(encode(v), dim=1) for v in (x, x.flip(-1))], dim=1)
             if moments is None:
                 moments = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(ds), *both.shape[1:]))
             moments[i * batch:i * batch + len(x)] = both.cpu().numpy()

@@ -27,7 +27,7 @@ if not hasattr(F, "grouped_mm"):  # the floor in requirements.txt
 # Configuration
 
 # name -> (depth, hidden size, heads); S from DiT, B/M/L/XL from the paper's Table 4 (S1);
-# XS is ours, for CPU runs and tests; XSD has XS's compute at three times its depth (the PLR test, S5).
+# XS (this repository's) for CPU runs and tests; XSD has XS's compute at three times its depth (the PLR test, S5).
 SIZES = {"XS": (6, 192, 3), "XSD": (18, 112, 2), "S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 960, 16),
          "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 ROUTINGS = ("race", "token", "expert", "dense")
@@ -144,7 +144,7 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):  # (B,) -> (B, D); [cos, sin] order as in DiT
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)   # (half,)
-        ang = t.float()[:, None] * freqs[None]                                             # (B, half)
+        ang = t.float()[:, None] * freqs[None]                                           # (B, half)
         return self.mlp(torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1).to(self.mlp[0].weight.dtype))
 
 
@@ -158,7 +158,8 @@ class LabelEmbedder(nn.Module):
     def __init__(self, num_classes, d, dropout_prob):
         super().__init__()
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), d)  # last row: null class
+        # last row: null class
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), d)
 
     def forward(self, y):
         if self.training and self.dropout_prob > 0:
@@ -176,7 +177,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, heads, L, D/heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # 3 x (B, heads, L, D/heads)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
@@ -196,12 +197,12 @@ class Mlp(nn.Module):
 # The MoE layer (S2-S4)
 
 def use_grouped_mm(device, dtype, capability=None, compiling=None):
-    """Whether one F.grouped_mm beats the loop over experts. CUDA: only on compute capability 9.x (Hopper)
-    in bf16, where it runs without host synchronisation; elsewhere it falls back to a loop that copies the
-    group offsets to the host. Not on Blackwell (10.x), where an expert without tokens (which Expert Race
-    allows) gets an unwritten weight gradient (pytorch/pytorch#172439). CPU: in bf16, and in fp32 (no
-    float64 kernel) where it measured about 2% faster than the loop for S/2-2in8 inference and equal in
-    training; but not in fp32 under torch.compile, whose shape function for it accepts bf16 only."""
+    """Whether one F.grouped_mm beats the loop over experts (benchmarks/README.md has the timings).
+    CUDA: only on compute capability 9.x (Hopper) in bf16, where it runs without host synchronisation;
+    elsewhere it falls back to a loop that copies the group offsets to the host. Not on Blackwell
+    (10.x), where an expert without tokens (which Expert Race allows) gets an unwritten weight
+    gradient (pytorch/pytorch#172439). CPU: in bf16 and fp32 (no float64 kernel), but not in fp32
+    under torch.compile, whose shape function for it accepts bf16 only."""
     if device.type == "cpu":
         compiling = torch.compiler.is_compiling() if compiling is None else compiling
         return dtype == torch.bfloat16 or (dtype == torch.float32 and not compiling)
@@ -244,8 +245,9 @@ class MoE(nn.Module):
         self.routing, self.gating = cfg.routing, cfg.gating
         self.k, self.E = cfg.top_k, E
         self.capacity, self.decay = cfg.capacity, cfg.threshold_decay
-        self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))  # h = GELU(Linear(x))
-        self.scorer = nn.Linear(D, E)                                               # logits = scorer(h)
+        # h = GELU(Linear(x))
+        self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))
+        self.scorer = nn.Linear(D, E)                                           # logits = scorer(h)
         # S5 per-layer regularization: predict the diffusion target (epsilon, patchified) from h; C
         # channels, not C_out: a learned-sigma model has no target for its variance channels.
         self.plr_head = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
@@ -279,7 +281,7 @@ class MoE(nn.Module):
             e = scores.topk(k, dim=1).indices                             # (N, k)
             idx = e * N + torch.arange(N, device=scores.device)[:, None]
         else:                                                             # expert-choice, per image
-            pos = st.view(E, B, L).topk(self.capacity, dim=2).indices     # (E, B, C) token positions
+            pos = st.view(E, B, L).topk(self.capacity, dim=2).indices    # (E, B, C) token positions
             n = pos + L * torch.arange(B, device=scores.device)[None, :, None]
             idx = n + N * torch.arange(E, device=scores.device)[:, None, None]
         return idx.reshape(-1).sort().values, None
@@ -294,7 +296,7 @@ class MoE(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = self.scorer(h.to(self.scorer.weight.dtype))         # (N, E)
         scores = self.gating_fn(logits)                                   # (N, E)
-        pairs, cutoff = self.select(scores.detach(), B, L)                # (P,) sorted, expert-major
+        pairs, cutoff = self.select(scores.detach(), B, L)               # (P,) sorted, expert-major
         expert, token = pairs // N, pairs % N                             # (P,), (P,)
         # Group ends per expert, found in the sorted pairs without a host sync.
         ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
@@ -303,7 +305,8 @@ class MoE(nn.Module):
         tokens = xf.to(compute_dtype(xf)).index_select(0, token)          # (P, D)
         hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
         out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
-        pair_scores = scores.reshape(-1).index_select(0, token * E + expert)  # (P,) weigh the outputs
+        # (P,) weigh the outputs
+        pair_scores = scores.reshape(-1).index_select(0, token * E + expert)
         out = out * pair_scores.unsqueeze(1).to(out.dtype)                # (P, D)
         y = torch.zeros(N, D, device=x.device, dtype=out.dtype).index_add_(0, token, out)  # (N, D)
         mask = torch.zeros(E * N, dtype=torch.bool, device=x.device).index_fill_(0, pairs, True)
@@ -469,7 +472,7 @@ def rsl_loss(logits, mask):
     with torch.autocast(logits.device.type, enabled=False):
         P = logits.reshape(-1, E).float().softmax(-1)                     # (N, E)
         M = mask.reshape(-1, E).float()                                   # (N, E)
-        Mp = M.t() @ M                                                    # (E, E) load / co-selection
+        Mp = M.t() @ M                                                  # (E, E) load / co-selection
         eye = torch.eye(E, dtype=torch.bool, device=M.device)
         diag, off = Mp.diagonal().sum(), Mp.masked_fill(eye, 0).sum()
         # clamp: with k = 1 there are no pairs and `off` is 0
@@ -528,8 +531,8 @@ def layer_routing_stats(mask):
     M = mask.reshape(-1, mask.shape[-1]).float()                          # (N, E)
     E = M.shape[1]
     load = M.sum(0)                                                       # (E,)
-    with torch.autocast(M.device.type, enabled=False):                    # exact counts: fp32, not bf16
-        pair = (M.t() @ M)[torch.triu_indices(E, E, 1).unbind()]          # (E(E-1)/2,) co-selections
+    with torch.autocast(M.device.type, enabled=False):                # exact counts: fp32, not bf16
+        pair = (M.t() @ M)[torch.triu_indices(E, E, 1).unbind()]         # (E(E-1)/2,) co-selections
     cover = (pair.sort(descending=True).values.cumsum(0) < 0.95 * pair.sum()).sum() + 1
     usage = 100 * cover.item() / len(pair) if pair.sum() > 0 else 0.0
     return dict(load=load.tolist(), max_vio=((load.max() - load.mean()) / load.mean()).item(),
@@ -587,13 +590,13 @@ def schedule(ab):
     does (1 - ab in fp32 cancels at small t)."""
     ab_prev = np.append(1.0, ab[:-1])
     betas = 1 - ab / ab_prev
-    post_var = betas * (1 - ab_prev) / (1 - ab)                           # variance of q(x_{t-1} | x_t, x0)
+    post_var = betas * (1 - ab_prev) / (1 - ab)                   # variance of q(x_{t-1} | x_t, x0)
     # It is 0 at t = 0: DiT (IDDPM) clips its log to the value at t = 1.
     post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(ab) > 1 else np.log(betas)
     return dict(ab=ab, ab_prev=ab_prev, betas=betas, log_betas=np.log(betas), post_logvar=post_logvar,
                 sqrt_ab=np.sqrt(ab), sqrt_1m_ab=np.sqrt(1 - ab),                       # q(x_t | x0)
                 sqrt_recip_ab=np.sqrt(1 / ab), sqrt_recipm1_ab=np.sqrt(1 / ab - 1),    # x0 from eps
-                coef_x0=betas * np.sqrt(ab_prev) / (1 - ab),                           # posterior mean
+                coef_x0=betas * np.sqrt(ab_prev) / (1 - ab),                        # posterior mean
                 coef_xt=(1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab))
 
 
@@ -626,7 +629,8 @@ def discretized_log_likelihood(x, mean, log_scale):
 class Diffusion:
     def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
         self.num_timesteps = num_timesteps
-        betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)  # DiT's linear schedule
+        # DiT's linear schedule
+        betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
         self.alphas_cumprod = np.cumprod(1 - betas)
         self.tables = schedule(self.alphas_cumprod)
         self.on_device = {}  # (name, device) -> float64 tensor: the schedule moves to a device once
@@ -653,7 +657,7 @@ class Diffusion:
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
         out, aux = model(xt, t, y, return_aux=True)
-        out = out.to(torch.promote_types(out.dtype, torch.float32))      # bf16 autocast: losses in fp32
+        out = out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 autocast: losses in fp32
         losses = dict(mse=F.mse_loss(out[:, :C], noise))
         loss = losses["mse"]
         if out.shape[1] == 2 * C:  # DiT's hybrid loss: the bound trains the variance, not the mean
@@ -711,7 +715,8 @@ class Diffusion:
         ts, sched = self.respaced(steps)
         x = randn()
         for i in reversed(range(len(ts))):
-            at = {name: float(table[i]) for name, table in sched.items()}  # float64 scalars of step i
+            # float64 scalars of step i
+            at = {name: float(table[i]) for name, table in sched.items()}
             ab, ab_prev = at["ab"], at["ab_prev"]
             t = torch.full((B,), int(ts[i]), device=dev, dtype=torch.long)
             if cfg_scale != 1:

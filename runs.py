@@ -73,7 +73,8 @@ def atomic_write(path, write):
     """write(tmp_path), then rename over path: an interrupted or failed write (kill, full disk) leaves
     the old file intact and no temporary file behind. Every file the project writes goes through here."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # suffix kept: np.save adds one
+    # suffix kept: np.save adds one
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)

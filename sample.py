@@ -172,7 +172,7 @@ def run(args, grid_max=256):
     for b, s in enumerate(mine):
         part = parts / f"{s:08d}.npy" if parts else None
         if part is not None and part.exists():
-            images = np.load(part)                                        # resumed: generated before
+            images = np.load(part)                                       # resumed: generated before
         else:
             with precision():
                 x = generate(model, diffusion, labels[s:s + args.batch_size].to(device), s, args.seed,

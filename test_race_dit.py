@@ -186,9 +186,9 @@ def test_routing_is_decided_in_fp32_under_bf16_autocast():
     assert logits.dtype == torch.float32
     order = logits.detach().permute(2, 0, 1).flatten().sort(descending=True, stable=True).indices
     want = torch.zeros(logits.numel(), dtype=torch.bool)
-    want[order[:4 * 16 * 2]] = True                                       # brute force: the K largest
+    want[order[:4 * 16 * 2]] = True                                     # brute force: the K largest
     assert torch.equal(layer_aux["mask"], want.view(8, 4, 16).permute(1, 2, 0))
-    assert torch.equal(rsl, R.rsl_loss(logits, layer_aux["mask"]))             # autocast changes nothing
+    assert torch.equal(rsl, R.rsl_loss(logits, layer_aux["mask"]))        # autocast changes nothing
     layer.eval().threshold.fill_(layer_aux["cutoff"].item())
     with torch.autocast("cpu", torch.bfloat16):
         _, layer_aux = layer(x)
@@ -225,7 +225,7 @@ def test_dispatch_equals_naive_reference_forward_and_gradients(routing, gating, 
     torch.testing.assert_close(x.grad, xr.grad)
     for (n, p), pr in zip(layer.named_parameters(), ref.parameters()):
         if n.startswith("plr_head"):
-            continue                                                      # PLR head: not on the MoE output
+            continue                                               # PLR head: not on the MoE output
         torch.testing.assert_close(p.grad, pr.grad, msg=n)
 
 
@@ -278,7 +278,7 @@ def test_a_training_step_reads_no_tensor_back_to_the_host(routing, monkeypatch):
     into Python; the loop over experts does (its group sizes), which is why the GPU chooser avoids it."""
     cfg = tiny(routing, "2in8", learn_sigma=True)
     model, diffusion, (x0, _, y) = R.RaceDiT(cfg), R.Diffusion(), batch(cfg)
-    diffusion.training_losses(model, x0, y)                              # moves the schedule to the device
+    diffusion.training_losses(model, x0, y)                       # moves the schedule to the device
 
     def host_read(*args, **kwargs):
         raise AssertionError("a tensor was read on the host")
@@ -384,7 +384,7 @@ def test_threshold_activates_about_k_experts_and_calibration_restores_a_perturbe
     other = copy.deepcopy(model)
     with torch.no_grad():
         for m in other.moe_layers():
-            m.scorer.bias += 0.5                                  # shifts every logit: stale thresholds
+            m.scorer.bias += 0.5                              # shifts every logit: stale thresholds
     assert abs(mean_experts_per_token(other, diffusion, x0, y, seed=5) - k) > 0.15 * k
     R.calibrate_thresholds(other, diffusion, [(x0.repeat(4, 1, 1, 1), y.repeat(4))] * 8)
     assert abs(mean_experts_per_token(other, diffusion, x0, y, seed=5) - k) < 0.15 * k
@@ -404,11 +404,11 @@ def test_rsl_is_one_for_uniform_routing_and_higher_for_collapsed_pairs():
     assert R.rsl_loss(logits, uniform).item() == pytest.approx(1.0)
     collapsed = torch.zeros(N, E, dtype=torch.bool)
     collapsed[: N // 2, [0, 1]] = True
-    collapsed[N // 2:, [2, 3]] = True                                     # a 2-in-4 acting like 1-in-2
-    peaked = torch.where(collapsed, 3.0, 0.0)                             # router that follows the collapse
+    collapsed[N // 2:, [2, 3]] = True                                  # a 2-in-4 acting like 1-in-2
+    peaked = torch.where(collapsed, 3.0, 0.0)                     # router that follows the collapse
     assert R.rsl_loss(peaked, collapsed) > R.rsl_loss(peaked, uniform) + 0.1
     one = torch.zeros(N, E, dtype=torch.bool)
-    one[torch.arange(N), torch.arange(N) % E] = True                      # k = 1: no pairs, no division by 0
+    one[torch.arange(N), torch.arange(N) % E] = True             # k = 1: no pairs, no division by 0
     assert R.rsl_loss(logits, one).item() == pytest.approx(1 / E)
 
 
@@ -419,8 +419,9 @@ def test_rsl_gradient_reaches_only_the_router():
     R.rsl_loss(layer_aux["logits"], layer_aux["mask"]).backward()
     for name, p in layer.named_parameters():
         touched = p.grad is not None and p.grad.abs().sum() > 0
-        assert touched == name.startswith(("router", "scorer")), name        # not the experts nor the PLR head
-    assert x.grad.abs().sum() > 0                                         # through the router's input
+        # not the experts nor the PLR head
+        assert touched == name.startswith(("router", "scorer")), name
+    assert x.grad.abs().sum() > 0                                       # through the router's input
 
 
 def test_plr_gradient_reaches_every_layers_router():
@@ -428,7 +429,7 @@ def test_plr_gradient_reaches_every_layers_router():
     model = R.RaceDiT(cfg).train()
     x, t, y = batch(cfg)
     _, aux = model(x, t, y, return_aux=True)
-    assert aux[0]["plr"].shape == x.shape                                  # image layout, like the target
+    assert aux[0]["plr"].shape == x.shape                            # image layout, like the target
     R.moe_losses(aux, torch.randn_like(x))["plr"].backward()
     for m in model.moe_layers():
         assert m.router[0].weight.grad.abs().sum() > 0 and m.plr_head.weight.grad.abs().sum() > 0
@@ -452,7 +453,7 @@ def test_routing_stats_on_a_known_mask():
     s = R.routing_stats([dict(mask=mask)], t=torch.tensor([999]))
     assert s["layers"][0]["load"] == [4, 2, 1, 0]
     assert s["max_vio"] == pytest.approx((4 - 7 / 4) / (7 / 4))
-    assert s["comb_usage"] == pytest.approx(100 * 2 / 6)                  # both pairs needed for 95%
+    assert s["comb_usage"] == pytest.approx(100 * 2 / 6)                 # both pairs needed for 95%
     assert s["experts_per_token"] == pytest.approx(7 / 4)
     assert s["experts_per_token_by_t"] == {"900-999": pytest.approx(7 / 4)}
 
@@ -507,24 +508,27 @@ def test_samplers_with_the_exact_denoiser_reproduce_gaussian_data(method, steps)
     assert x.std().item() == pytest.approx(0.5, rel=0.02) and abs(x.mean().item()) < 0.01
 
 
-def dit_space_timesteps(num_timesteps, steps):
-    """DiT's space_timesteps(num_timesteps, [steps]) as written in its gaussian_diffusion code path."""
-    stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1
-    cur, taken = 0.0, []
-    for _ in range(steps):
-        taken.append(round(cur))
-        cur += stride
-    return sorted(set(taken))
+# DiT's space_timesteps(1000, [n]) written out: a stride of 999 / (n - 1) rounded half to even, so
+# 499.5 -> 500, 166.5 -> 166, 832.5 -> 832, 55.5 -> 56, 624.375 -> 624 (strides exact in binary).
+DIT_TIMESTEPS = {
+    1: [0], 2: [0, 999], 3: [0, 500, 999], 4: [0, 333, 666, 999], 5: [0, 250, 500, 749, 999],
+    7: [0, 166, 333, 500, 666, 832, 999], 9: [0, 125, 250, 375, 500, 624, 749, 874, 999],
+    10: [0, 111, 222, 333, 444, 555, 666, 777, 888, 999],
+    19: [0, 56, 111, 166, 222, 278, 333, 388, 444, 500, 555, 610, 666, 722, 777, 832, 888, 944, 999],
+    25: [0, 42, 83, 125, 166, 208, 250, 291, 333, 375, 416, 458, 500, 541, 583, 624, 666, 708, 749,
+         791, 832, 874, 916, 957, 999]}
 
 
-def test_respacing_equals_dits_for_every_step_count():
+def test_respacing_equals_dits_timesteps_and_keeps_every_count():
     d = R.Diffusion()
-    for steps in range(1, 1001):
-        ts, sched = d.respaced(steps)
-        assert list(ts) == dit_space_timesteps(1000, steps), steps
+    for steps, want in DIT_TIMESTEPS.items():
+        assert list(d.respaced(steps)[0]) == want, steps
+    for steps in range(2, 1001):                                          # every count: n distinct steps
+        ts = d.respaced(steps)[0]
+        assert len(ts) == steps and ts[0] == 0 and ts[-1] == 999 and (np.diff(ts) > 0).all(), steps
     ts, sched = d.respaced(1000)
+    assert list(ts) == list(range(1000))
     np.testing.assert_allclose(sched["betas"], np.linspace(1e-4, 0.02, 1000))
-    assert list(d.respaced(4)[0]) == [0, 333, 666, 999]
 
 
 def test_q_sample_takes_square_roots_in_float64_as_dit():
@@ -573,7 +577,7 @@ def test_learned_sigma_hybrid_loss_and_gradients_equal_the_reference():
     model = randomize_zero_init(R.RaceDiT(cfg)).double()
     x0, _, y = batch(cfg, 6, seed=3)
     x0 = x0.double().clamp(-1, 1)
-    x0[0, 0, 0, :2] = torch.tensor([-1.0, 1.0])                            # the open-ended decoder bins
+    x0[0, 0, 0, :2] = torch.tensor([-1.0, 1.0])                        # the open-ended decoder bins
     t, noise = torch.tensor([0, 0, 1, 10, 500, 999]), torch.randn_like(x0)
     d = R.Diffusion()
     losses, _ = d.training_losses(model, x0, y, plr_weight=0, rsl_weight=0, t=t, noise=noise)
@@ -589,7 +593,7 @@ def test_learned_sigma_hybrid_loss_and_gradients_equal_the_reference():
     ref_grads = torch.autograd.grad(ref, params(ref_model), allow_unused=True)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for name, p, a, b in zip(names, params(model), grads, ref_grads):
-        zero = torch.zeros_like(p)                                        # the PLR head: 0 * plr, or unused
+        zero = torch.zeros_like(p)                                # the PLR head: 0 * plr, or unused
         torch.testing.assert_close(zero if a is None else a, zero if b is None else b, msg=name)
 
 
@@ -598,9 +602,9 @@ def test_vb_trains_only_the_variance_channels():
     model = randomize_zero_init(R.RaceDiT(cfg))
     x0, t, y = batch(cfg)
     losses, _ = R.Diffusion().training_losses(model, x0.clamp(-1, 1), y, t=t)
-    w = model.final_layer.linear.weight                                   # rows: (p, p, 2C) per token
+    w = model.final_layer.linear.weight                                 # rows: (p, p, 2C) per token
     per_channel = torch.autograd.grad(losses["vb"], w)[0].view(4, 6, -1).abs().sum((0, 2))   # (2C,)
-    assert (per_channel[:3] == 0).all() and (per_channel[3:] > 0).all()   # eps channels: no gradient
+    assert (per_channel[:3] == 0).all() and (per_channel[3:] > 0).all()  # eps channels: no gradient
 
 
 def test_tiny_race_dit_overfits_a_handful_of_images():

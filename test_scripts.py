@@ -114,9 +114,9 @@ def test_a_whole_training_step_reads_no_tensor_back_to_the_host(tmp_path, monkey
     try:
         step = lambda i, raw: train.train_step(model, model, ema, opt, diffusion,
                                                train.device_batches(raw, ds, cpu, 1000), i, args, fp32)
-        step(0, [next(loader), next(loader)])                            # the optimizer's lazy state
+        step(0, [next(loader), next(loader)])                           # the optimizer's lazy state
         host_side = {id(state["step"]) for state in opt.state.values()}
-        raws = [[next(loader), next(loader)] for _ in range(2)]          # the loader's index lists: host
+        raws = [[next(loader), next(loader)] for _ in range(2)]     # the loader's index lists: host
         for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__",
                      "__index__"):
             def host_read(self, *a, original=getattr(torch.Tensor, name), **k):
@@ -196,13 +196,15 @@ def test_resume_continues_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run_train(a, "--save-every", "3", "--sample-every", "3", steps=6)
     run_train(b, "--save-every", "3", "--sample-every", "3", steps=3)
-    with open(b / "metrics.jsonl", "a") as f:                             # logged after the save, then killed
-        f.write(json.dumps(dict(step=4, loss=9.0)) + '\n{"step": 5, "lo')  # the last line cut mid-write
+    with open(b / "metrics.jsonl", "a") as f:                   # logged after the save, then killed
+        # the last line cut mid-write
+        f.write(json.dumps(dict(step=4, loss=9.0)) + '\n{"step": 5, "lo')
     run_train(b, "--save-every", "3", "--sample-every", "3", "--resume", steps=6)
     la, lb = losses_by_step(a), losses_by_step(b)
     assert la.keys() == lb.keys() == {2, 3, 4, 6}
-    assert len((b / "metrics.jsonl").read_text().splitlines()) == 4        # stale and partial records gone
-    for s in la:                                                          # CPU kernels: equal to float noise
+    # stale and partial records gone
+    assert len((b / "metrics.jsonl").read_text().splitlines()) == 4
+    for s in la:                                                 # CPU kernels: equal to float noise
         assert lb[s] == pytest.approx(la[s], rel=1e-6)
 
 
@@ -250,9 +252,9 @@ def test_bad_inputs_and_divergence_keep_the_checkpoint(tmp_path, capsys):
 
 
 def test_a_second_run_on_a_locked_folder_fails_at_once(tmp_path, capsys):
-    with runs.locked(tmp_path):                                          # a live run holds the folder
+    with runs.locked(tmp_path):                                        # a live run holds the folder
         expect_error(capsys, train.main, [*FAST, "--out", str(tmp_path)], "in use by another running process")
-    run_train(tmp_path, "--sample-every", "0")                            # it ended (or was killed): free
+    run_train(tmp_path, "--sample-every", "0")                      # it ended (or was killed): free
     assert (tmp_path / "ckpt.pt").exists()
 
 
@@ -330,7 +332,7 @@ def test_cifar10_reads_the_official_archive_and_folder(tmp_path):
     folder = write_cifar(tmp_path / "x", batches)
     with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
-    for root in (tmp_path, tmp_path / "x"):                               # archive, then extracted folder
+    for root in (tmp_path, tmp_path / "x"):                         # archive, then extracted folder
         ds = data.load_cifar10(root)
         assert len(ds) == 15 and ds[3][1] == 2 and ds.num_classes == 10
         x, y = ds[0]
@@ -397,7 +399,7 @@ def test_image_folder_reports_a_truncated_image_and_reads_16_bit(tmp_path, capsy
     Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(tmp_path / "imgs" / "dog" / "deep.png")
     ds = data.FolderDataset(tmp_path / "imgs", 16)
     assert ds[ds.items.index((tmp_path / "imgs" / "dog" / "deep.png", 1))][0].float().mean() == \
-        pytest.approx(40000 / 257, abs=1)                                  # grey, not clipped to white
+        pytest.approx(40000 / 257, abs=1)                               # grey, not clipped to white
     bad = tmp_path / "imgs" / "cat" / "1.png"
     bad.write_bytes(bad.read_bytes()[:60])
     expect_error(capsys, train.main, [*FAST, "--data", str(tmp_path / "imgs"), "--image-size", "16",
@@ -417,15 +419,16 @@ def test_latent_format_round_trips(tmp_path):
     x = torch.stack([ds[i][0] for i in range(6)])
     img = torch.stack([data.FolderDataset(tmp_path / "imgs", 16)[i][0] for i in range(6)]).float() / 127.5 - 1
     mean, _ = stand_in_vae(img)
-    torch.testing.assert_close(x[:, 0, :4].float(), mean, atol=2e-3, rtol=2e-3)       # stored as float16
+    torch.testing.assert_close(x[:, 0, :4].float(), mean, atol=2e-3, rtol=2e-3)  # stored as float16
     torch.testing.assert_close(x[:, 1, :4].float(), stand_in_vae(img.flip(-1))[0], atol=2e-3, rtol=2e-3)
-    z = data.to_model_input(x, ds)                                        # posterior sample of image or flip
+    z = data.to_model_input(x, ds)                               # posterior sample of image or flip
     near = lambda f: (z - x[:, f, :4].float() * data.LATENT_SCALE).abs().amax((1, 2, 3)) < 1e-4
     assert z.shape == (6, 4, 2, 2) and (near(0) | near(1)).all()
     run_train(tmp_path / "run", "--data", "latents", "--data-dir", str(tmp_path / "lat"), "--model", "XS/1",
               "--sample-every", "0", "--batch-size", "4", "--num-classes", "10")
     config = runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]
-    assert config["in_channels"] == 4 and config["num_classes"] == 10     # the flag, not the largest label
+    # the flag, not the largest label
+    assert config["in_channels"] == 4 and config["num_classes"] == 10
 
 
 @pytest.mark.parametrize("labels,message", [(np.array([0, 1, 2, 99999, 4, 5]), "labels must be in 0..999"),
@@ -465,7 +468,7 @@ def test_same_seed_same_images_for_batch_size_1_and_8(ckpt, tmp_path):
     run_sample(ckpt, "--batch-size", "8", "--npz", str(tmp_path / "b.npz"), "--out", "")
     a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
     assert a.shape == (8, 16, 16, 3) and a.dtype == np.uint8                 # ADM layout
-    assert np.abs(a.astype(int) - b).max() <= 1                           # float noise may flip a rounding
+    assert np.abs(a.astype(int) - b).max() <= 1                    # float noise may flip a rounding
     run_sample(ckpt, "--batch-size", "8", "--seed", "1", "--npz", str(tmp_path / "c.npz"), "--out", "")
     assert not np.array_equal(np.load(tmp_path / "c.npz")["arr_0"], a)
 
@@ -478,7 +481,8 @@ def test_torchrun_splits_npz_generation_into_the_same_file(ckpt, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "batch 2/2 (process 0 of 2): samples 4..5 of 8" in res.stdout  # rank 0 took batches 0 and 2
+    # rank 0 took batches 0 and 2
+    assert "batch 2/2 (process 0 of 2): samples 4..5 of 8" in res.stdout
     one, two = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
     assert two.shape == one.shape and np.abs(one.astype(int) - two).max() <= 1
 
@@ -503,7 +507,7 @@ def test_interrupted_npz_generation_resumes_to_the_same_file(ckpt, tmp_path, mon
     on_disk = sorted(p.name for p in (tmp_path / "res.npz.parts").iterdir())
     assert on_disk == ["00000000.npy", "00000002.npy", "meta.json"]
     run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "res.npz"), "--out", "")
-    assert len(calls) == 2 and not (tmp_path / "res.npz.parts").exists()   # only the missing batches
+    assert len(calls) == 2 and not (tmp_path / "res.npz.parts").exists()  # only the missing batches
     assert np.array_equal(np.load(tmp_path / "res.npz")["arr_0"], np.load(tmp_path / "full.npz")["arr_0"])
 
 
@@ -515,7 +519,7 @@ def test_npz_resume_refuses_other_weights_at_the_same_path_or_labels(ckpt, tmp_p
             "--batch-size", "2", "--npz", str(tmp_path / "s.npz"), "--out", ""]
     expect_error(capsys, sample.main, argv + ["--labels", "1,3"], "interrupted run of another model, labels")
     state = torch.load(copy, weights_only=True)
-    state["ema"]["final_layer.linear.bias"] += 1                           # another model, same path
+    state["ema"]["final_layer.linear.bias"] += 1                          # another model, same path
     torch.save(state, copy)
     expect_error(capsys, sample.main, argv + ["--labels", "1,2"], "interrupted run of another model, labels")
 
@@ -540,7 +544,7 @@ def test_topk_routing_uses_exactly_k_experts_per_token(ckpt, tmp_path):
 def test_foreign_or_corrupted_checkpoint_is_refused(tmp_path, capsys, ckpt, content):
     path = tmp_path / "bad.pt"
     if content is None:
-        torch.save({"state_dict": {}}, path)                               # a foreign (readable) checkpoint
+        torch.save({"state_dict": {}}, path)                       # a foreign (readable) checkpoint
     else:
         path.write_bytes(Path(ckpt).read_bytes()[:1000])                   # truncated
     message = "not a race-dit checkpoint" if content is None else "not a readable checkpoint"
@@ -614,7 +618,7 @@ def test_evaluator_scores_held_out_real_images_as_perfect(tmp_path):
     ev = evaluate.Evaluator("fashion-mnist", tmp_path, epochs=25, log=lambda *a: None)
     assert ev.test_accuracy == 1.0 and list(tmp_path.glob("classifier-*.pt"))
     held, y = separable(200, 2)
-    scores = ev.score(np.repeat(held[..., None], 3, axis=3), y)          # as sample.py writes grey images
+    scores = ev.score(np.repeat(held[..., None], 3, axis=3), y)    # as sample.py writes grey images
     assert scores["accuracy"] == 1.0 and scores["n"] == 200
     wrong = ev.score(np.repeat(held[..., None], 3, axis=3), (y + 1) % 10)
     assert wrong["accuracy"] == 0.0
@@ -639,19 +643,33 @@ def test_bench_script_reports_ratios_and_writes_only_where_asked(tmp_path, capsy
     bench.main(["--models", "XS/8:dense,XS/8:race:2in8", "--rounds", "1", "--warmup", "0",
                 "--image-size", "16", "--batch-size", "2", "--json", str(tmp_path / "b.json")])
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == ["XS/8:dense", "XS/8:race:2in8"] and rows[0]["train_ratio"] == 1.0
+    assert [r["model"] for r in rows] == ["XS/8:dense", "XS/8:race:2in8"]
+    assert rows[1]["train_ratio"] == pytest.approx(rows[1]["train_ms"] / rows[0]["train_ms"])
     assert rows[1]["activated"] < rows[1]["params"] and rows[1]["train_ms"] > 0
     assert "XS/8:race:2in8" in capsys.readouterr().out
     assert os.listdir(tmp_path) == ["b.json"]
 
 
-def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys):
+def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypatch):
     from benchmarks import reproduce
     methods = "race identity,race identity +threshold,deep race -PLR"
-    reproduce.main(["--quick", "--data-dir", str(tmp_path), "--methods", methods])
+    argv = ["--quick", "--data-dir", str(tmp_path), "--methods", methods, "--out", str(tmp_path / "res"),
+            "--runs", str(tmp_path / "runs")]
+    reproduce.main(argv)
     out = capsys.readouterr().out
     assert "Table 3: threshold beats batch top-K at inference: accuracy" in out and "wrote" in out
-    assert not list(tmp_path.glob("classifier-*"))                       # the smoke run caches nothing
+    assert not list(tmp_path.glob("classifier-*"))                    # the smoke run caches nothing
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    # A rerun after an interruption: one score lost, every checkpoint on disk. Nothing is retrained;
+    # the lost score is computed again from its checkpoint.
+    lost = results.pop("deep race -PLR / seed 1")
+    (tmp_path / "res" / "results.json").write_text(json.dumps(results))
+    trained = []
+    monkeypatch.setattr(reproduce.train, "main", trained.append)
+    reproduce.main(argv)
+    again = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert trained == [] and again["deep race -PLR / seed 1"]["steps"] == lost["steps"]
+    assert again["race identity / seed 0"] == results["race identity / seed 0"]
 
 
 @pytest.mark.parametrize("script, argv, msg", [

@@ -187,7 +187,8 @@ def train_step(net, model, ema, opt, diffusion, micro, step, args, autocast):
     losses, aux = accumulate(net, diffusion, micro, args, autocast)
     opt.step()
     average_thresholds(model)
-    update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))  # warm-up: a useful EMA early
+    # warm-up: a useful EMA early
+    update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
     return losses, aux
 
 
@@ -383,17 +384,18 @@ def train(args):
         dist.destroy_process_group()
 
 
+def checked_and_locked_train(args, rank):
+    check_args(args)
+    # A second run on the same folder stops here; rank 0 alone writes, so it alone locks.
+    with locked(args.out) if rank == 0 else contextlib.nullcontext():
+        train(args)
+
+
 def main(argv=None):
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     prog = f"train.py (rank {rank})" if world > 1 else "train.py"
     args = parse_args(argv)
-
-    def run():
-        check_args(args)
-        # A second run on the same folder stops here; rank 0 alone writes, so it alone locks.
-        with locked(args.out) if rank == 0 else contextlib.nullcontext():
-            train(args)
-    run_main(prog, run)
+    run_main(prog, lambda: checked_and_locked_train(args, rank))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def saved_bytes_model(spec, args, device, recompute):
         model.recompute = recompute
         m[d] = [saved_bytes(model, args, b, device) for b in (1, 2)]
     z = m[2][1] - m[2][0] - m[1][1] + m[1][0]                            # per block and image
-    x, w = m[1][1] - m[1][0] - z, m[2][0] - m[1][0] - z                   # per image outside; per block
+    x, w = m[1][1] - m[1][0] - z, m[2][0] - m[1][0] - z               # per image outside; per block
     depth = R.make_config(spec.split(":")[0]).depth
     return m[1][0] - x - w - z + depth * w, x + depth * z, (w, z)
 
@@ -87,7 +87,7 @@ def memory(specs, args, device, gpus=(80, 141), batch=256):
         with torch.device("meta"):
             params = sum(p.numel() for p in build(spec, args, "meta", learn_sigma=True).parameters())
         plain, recomp = (saved_bytes_model(spec, args, device, c) for c in (False, True))
-        w, z = plain[2]                                                   # the block backward recomputes
+        w, z = plain[2]                                              # the block backward recomputes
         lines = {False: plain[:2], True: (recomp[0] + w, recomp[1] + z)}  # (fixed, per image) bytes
         gib = {(b, c): (20 * params + lines[c][0] + b * lines[c][1]) / 2**30
                for b in [batch] + [2**i for i in range(14)] for c in (False, True)}

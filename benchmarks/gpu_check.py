@@ -66,7 +66,7 @@ class Run:
                                       "--experts", experts, "--batch-size", str(batch)])
         self.ds = load_data("latents", str(folder), num_classes=1000)
         cfg = train.model_config(self.args, self.ds)
-        with torch.device(device):                                       # 2.8B parameters in seconds
+        with torch.device(device):                                      # 2.8B parameters in seconds
             self.model = R.RaceDiT(cfg)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.args.lr, weight_decay=0)
@@ -102,7 +102,7 @@ def out_of_memory(e):
 
 def free_memory(run=None):
     if run is not None:
-        run.opt.zero_grad(set_to_none=True)                               # a failed backward's grads
+        run.opt.zero_grad(set_to_none=True)                              # a failed backward's grads
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -72,7 +72,7 @@ def block_contributions(model, x0, y, d):
     changes the residual stream (the quantity behind the paper's Fig. 5)."""
     ratios = []
 
-    def measure(block, inputs, outputs):                                # inputs (x, c), outputs (x', layer_aux)
+    def measure(block, inputs, outputs):                    # inputs (x, c), outputs (x', layer_aux)
         x, new = inputs[0], outputs[0]
         ratios.append(((new - x).norm(dim=(1, 2)) / x.norm(dim=(1, 2))).mean().item())
     hooks = [block.register_forward_hook(measure) for block in model.blocks]
@@ -89,7 +89,7 @@ def score(ckpt_path, routing, test, evaluator, args):
     model, ckpt = load_model(ckpt_path)
     R.set_inference_routing(model, routing)
     d = R.Diffusion()
-    g = torch.Generator().manual_seed(1234)                               # the same noise for every run
+    g = torch.Generator().manual_seed(1234)                           # the same noise for every run
     x = torch.from_numpy(np.array(test.x)).float() / 127.5 - 1
     y = torch.from_numpy(test.y)
     t, noise = torch.randint(0, 1000, (len(x),), generator=g), torch.randn(x.shape, generator=g)
@@ -135,7 +135,8 @@ def charts(results, names, seeds, out):
     curves = lambda n: [[v for _, v in results[f"{n} / seed {s}"]["curve"]] for s in range(seeds)]
     steps = [s for s, _ in results[f"{names[0]} / seed 0"]["curve"]]
     series = [(steps, list(np.mean(curves(n), 0)), COLOURS[i % 10], 2) for i, n in enumerate(names)]
-    series += [(steps, c, COLOURS[i % 10], 1) for i, n in enumerate(names) for c in curves(n)]  # each seed
+    # each seed
+    series += [(steps, c, COLOURS[i % 10], 1) for i, n in enumerate(names) for c in curves(n)]
     line_chart(series, out / "loss_curves.png", "training epsilon-MSE: mean over seeds (thick), each seed",
                "step", log_y=True, size=(900, 480), legend=[(n, c) for n, (*_, c, _) in zip(names, series)])
     race = results.get("race full recipe (+RSL) / seed 0", {})
@@ -159,8 +160,8 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
     p.add_argument("--data", default="shapes", help="shapes or fashion-mnist (with --image-size 28)")
     p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--runs", default=str(ROOT / "benchmarks" / "runs"), help="checkpoints (not committed)")
+    p.add_argument("--out", help="results and charts (default benchmarks/results)")
+    p.add_argument("--runs", help="checkpoints, not committed (default benchmarks/runs)")
     p.add_argument("--data-dir", default=str(ROOT / "data"))
     p.add_argument("--quick", action="store_true", help="smoke test, temporary files")
     args = p.parse_args(argv)
@@ -171,10 +172,11 @@ def main(argv=None):
         p.error("--steps, --samples-per-class and --sample-steps must be positive, --seeds at least 2 "
                 "(a verdict needs a standard deviation)")
     tmp = Path(tempfile.mkdtemp()) if args.quick else None
-    if args.quick:
+    if args.quick:  # its files in a temporary folder, unless --out / --runs name one
         args.steps, args.samples_per_class, args.sample_steps, args.seeds = 4, 2, 3, 2
-        args.out, args.runs = str(tmp / "results"), str(tmp / "runs")
-    out, runs, tick = Path(args.out), Path(args.runs), time.time()
+        args.out, args.runs = args.out or str(tmp / "results"), args.runs or str(tmp / "runs")
+    out = Path(args.out or ROOT / "benchmarks" / "results")
+    runs, tick = Path(args.runs or ROOT / "benchmarks" / "runs"), time.time()
     out.mkdir(parents=True, exist_ok=True)
     test = load_data(args.data, args.data_dir, args.image_size, "test")
     if args.quick:
