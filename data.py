@@ -1,14 +1,16 @@
 """
-Data sources for train.py and evaluate.py, and the maps between data and model space (to_model_input,
-to_uint8, the VAE of latent data). Each source is a Dataset of (uint8 image (C, H, W) or float latent
-moments, label) with `num_classes` from the dataset's definition, checked in full when it is loaded:
-every file's header and every label, so that a bad file is reported before training starts.
+Data sources for train.py and evaluate.py, and the maps between data and model space
+(to_model_input, to_uint8, the VAE of latent data). Each source is a Dataset of (uint8 image
+(C, H, W) or float latent moments, label) with `num_classes` from the dataset's definition, checked
+in full when it is loaded: every file's header and every label, so that a bad file is reported
+before training starts.
 
     shapes          built in: 10 classes of coloured shapes, generated from a seed
     cifar10         the official python archive or its extracted folder (never unpickles code)
     fashion-mnist   idx .gz files
     a folder path   one subfolder per class, ADM-style center crop
-    latents         DiT-style VAE latents: moments.npy and labels.npy (extract_latents.py writes them)
+    latents         DiT-style VAE latents: moments.npy and labels.npy
+                    (extract_latents.py writes them)
 """
 import gzip
 import hashlib
@@ -56,7 +58,8 @@ def check_labels(y, n, num_classes, where):
     if y.dtype.kind not in "iu":
         raise UserError(f"{where}: labels must be integers, got {y.dtype}")
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        raise UserError(f"{where}: labels must be in 0..{num_classes - 1}, found {y.min()}..{y.max()}")
+        raise UserError(f"{where}: labels must be in 0..{num_classes - 1}, "
+                        f"found {y.min()}..{y.max()}")
     return y.astype(np.int64)
 
 
@@ -64,7 +67,8 @@ def center_crop(img, size):
     """ADM's center crop: halve with BOX while large, BICUBIC to the short side, crop the middle.
     16-bit greyscale is scaled to 8 bits (Pillow's RGB conversion would clip it to white)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+        grey = (np.asarray(img, dtype=np.float64) / 257).clip(0, 255)
+        img = Image.fromarray(grey.astype(np.uint8))
     img = img.convert("RGB")
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
@@ -76,8 +80,8 @@ def center_crop(img, size):
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """One subfolder per class (classes in sorted order). Every image is decoded once at load time, so
-    a corrupt or truncated file is reported before training rather than in the middle of it."""
+    """One subfolder per class (classes in sorted order). Every image is decoded once at load time,
+    so a corrupt or truncated file is reported before training rather than in the middle of it."""
     EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
     def __init__(self, root, size, check=True):
@@ -112,16 +116,17 @@ class FolderDataset(torch.utils.data.Dataset):
 
 def make_shapes(n=10_000, size=32, seed=0):
     """Built-in data: 10 classes, each a fixed shape in a fixed colour (disc, square, ring, diamond,
-    cross, triangle, two discs, and square patches of horizontal stripes, vertical stripes or checks)
-    with random position, size and brightness on a noisy dark background. Deterministic by seed;
-    rendered in chunks so that memory stays bounded at large sizes."""
+    cross, triangle, two discs, and square patches of horizontal stripes, vertical stripes or
+    checks) with random position, size and brightness on a noisy dark background. Deterministic by
+    seed; rendered in chunks so that memory stays bounded at large sizes."""
     rng = np.random.default_rng(seed)
     y = rng.permutation(np.arange(n) % 10)
     cx, cy, r = rng.uniform(0.35, 0.65, (3, n, 1, 1)) * np.array([1, 1, 0.5])[:, None, None, None]
     ph = rng.uniform(0, 2 * np.pi, (n, 1, 1))
     light = rng.uniform(0.7, 1.0, (n, 1, 1, 1))
-    colours = np.array([[230, 40, 40], [40, 200, 60], [60, 90, 240], [240, 220, 40], [240, 240, 240],
-                        [240, 130, 20], [170, 60, 220], [40, 220, 220], [230, 60, 170], [150, 110, 60]])
+    colours = np.array([[230, 40, 40], [40, 200, 60], [60, 90, 240], [240, 220, 40],
+                        [240, 240, 240], [240, 130, 20], [170, 60, 220], [40, 220, 220],
+                        [230, 60, 170], [150, 110, 60]])
     g = (np.arange(size) + 0.5) / size
     img = np.empty((n, 3, size, size), np.uint8)
     for lo in range(0, n, 512):
@@ -131,7 +136,8 @@ def make_shapes(n=10_000, size=32, seed=0):
         masks = [d < r_, box < r_ * 0.85, abs(d - r_) < r_ / 3, abs(dx) + abs(dy) < r_,
                  (np.minimum(abs(dx), abs(dy)) < r_ / 3) & (box < r_),
                  (dy < r_ * 0.8) & (abs(dx) < (dy + r_) * 0.6),
-                 (np.hypot(dx - r_ * 0.7, dy) < r_ * 0.45) | (np.hypot(dx + r_ * 0.7, dy) < r_ * 0.45),
+                 ((np.hypot(dx - r_ * 0.7, dy) < r_ * 0.45)
+                  | (np.hypot(dx + r_ * 0.7, dy) < r_ * 0.45)),
                  (box < r_) & (np.sin(dy * 40 + ph[s]) > 0),               # textured square patches
                  (box < r_) & (np.sin(dx * 40 + ph[s]) > 0),
                  (box < r_) & ((np.sin(dx * 30 + ph[s]) > 0) ^ (np.sin(dy * 30) > 0))]
@@ -157,7 +163,8 @@ def download(url, dest, md5):
 class ArraysOnly(pickle.Unpickler):
     """Unpickles CIFAR's batches (dicts of bytes, lists and numpy arrays) and refuses every other
     global, so a crafted file cannot run code. (_codecs.encode: how Python 3 pickles bytes.)"""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
@@ -167,7 +174,8 @@ class ArraysOnly(pickle.Unpickler):
 
 
 def load_cifar10(root, split="train"):
-    """The official python archive (cifar-10-python.tar.gz) or its extracted cifar-10-batches-py/."""
+    """The official python archive (cifar-10-python.tar.gz) or its extracted
+    cifar-10-batches-py/."""
     root = Path(root)
     folder, archive = root / "cifar-10-batches-py", root / "cifar-10-python.tar.gz"
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -180,7 +188,8 @@ def load_cifar10(root, split="train"):
             files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
             missing = [n for n in names if n not in files]
             if missing:
-                raise UserError(f"{archive} has no {', '.join(missing)}; is it cifar-10-python.tar.gz?")
+                raise UserError(f"{archive} has no {', '.join(missing)}; "
+                                "is it cifar-10-python.tar.gz?")
             raw = [tar.extractfile(files[n]).read() for n in names]
     batches = [ArraysOnly(io.BytesIO(b), encoding="bytes").load() for b in raw]
     x = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
@@ -225,10 +234,12 @@ def load_latents(root, num_classes):
     if not (root / "moments.npy").is_file() or not (root / "labels.npy").is_file():
         raise UserError(f"no moments.npy and labels.npy in {root}; extract_latents.py writes them")
     moments = np.load(root / "moments.npy", mmap_mode="r")
-    if moments.ndim != 5 or moments.shape[1] != 2 or moments.shape[2] % 2 or moments.dtype.kind != "f":
+    if (moments.ndim != 5 or moments.shape[1] != 2 or moments.shape[2] % 2
+            or moments.dtype.kind != "f"):
         raise UserError(f"{root}/moments.npy must be float (N, 2, 2C, h, w), got {moments.dtype} "
                         f"{moments.shape}")
-    return ArrayDataset(moments, np.load(root / "labels.npy"), num_classes, f"{root}/labels.npy", True)
+    return ArrayDataset(moments, np.load(root / "labels.npy"), num_classes,
+                        f"{root}/labels.npy", True)
 
 
 def load_data(data, data_dir="data", image_size=32, split="train", num_classes=1000):
@@ -246,15 +257,16 @@ def load_data(data, data_dir="data", image_size=32, split="train", num_classes=1
         if not Path(data).is_dir():
             raise UserError(f"--data {data!r} is neither one of {', '.join(SOURCES)} nor a folder")
         return FolderDataset(data, image_size)
-    except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError, tarfile.TarError,
-            zlib.error) as e:
+    except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError,
+            tarfile.TarError, zlib.error) as e:
         raise UserError(f"could not read {data} data from {data_dir}: {e}") from None
 
 
 def to_model_input(x, ds):
-    """A raw batch on its device -> x0 on the model's scale: images to [-1, 1] with random horizontal
-    flips; latents: pick the image or its flip, sample the VAE posterior, scale by LATENT_SCALE. Every
-    random tensor is made on x's device, so that the step copies nothing from the host."""
+    """A raw batch on its device -> x0 on the model's scale: images to [-1, 1] with random
+    horizontal flips; latents: pick the image or its flip, sample the VAE posterior, scale by
+    LATENT_SCALE. Every random tensor is made on x's device, so that the step copies nothing from
+    the host."""
     if ds.latent:
         pick = torch.randint(0, 2, (len(x), 1, 1, 1), device=x.device)   # the image or its flip
         x = torch.where(pick == 1, x[:, 1], x[:, 0]).float()             # (B, 2C, h, w)
@@ -275,7 +287,8 @@ def load_vae(name, device):
     try:
         from diffusers.models import AutoencoderKL
     except ImportError:
-        raise UserError("latents need diffusers to be encoded or decoded: pip install diffusers") from None
+        raise UserError("latents need diffusers to be encoded or decoded: "
+                        "pip install diffusers") from None
     try:
         return AutoencoderKL.from_pretrained(name).to(device).eval()
     except (OSError, ValueError) as e:
@@ -283,9 +296,9 @@ def load_vae(name, device):
 
 
 class BatchOrder(torch.utils.data.Sampler):
-    """Index lists for steps start, start+1, ...: a fresh permutation per epoch seeded by (seed, epoch);
-    each step's global batch (batch x world x accum) split into each rank's `accum` micro-batches, so any
-    step's batches can be recomputed on resume."""
+    """Index lists for steps start, start+1, ...: a fresh permutation per epoch seeded by
+    (seed, epoch); each step's global batch (batch x world x accum) split into each rank's `accum`
+    micro-batches, so any step's batches can be recomputed on resume."""
 
     def __init__(self, n, batch, seed, start, rank=0, world=1, accum=1):
         self.n, self.batch, self.seed, self.start = n, batch, seed, start

@@ -1,8 +1,9 @@
 """
-Score a checkpoint's samples with a small classifier trained on the same data (shapes, Fashion-MNIST,
-CIFAR-10): the class accuracy of class-conditional samples, and a Fréchet distance between samples and
-the test split in the classifier's 64-d features. The FD is a proxy for sample quality, NOT FID: other
-network, other features, few samples. It comes with its noise: the FDs of two disjoint halves.
+Score a checkpoint's samples with a small classifier trained on the same data (shapes,
+Fashion-MNIST, CIFAR-10): the class accuracy of class-conditional samples, and a Fréchet distance
+between samples and the test split in the classifier's 64-d features. The FD is a proxy for sample
+quality, NOT FID: other network, other features, few samples. It comes with its noise: the FDs of
+two disjoint halves.
 
     python evaluate.py --ckpt runs/default/ckpt.pt                  # 20 samples per class
     python evaluate.py --ckpt CKPT --per-class 100 --classifier-seed 1 --json eval.json
@@ -29,14 +30,16 @@ SUPPORTED = ("shapes", "cifar10", "fashion-mnist")
 
 
 class Classifier(nn.Module):
-    """Three 3x3 conv stages and a global average pool (any image size), 64 features, a linear head."""
+    """Three 3x3 conv stages and a global average pool (any image size), 64 features, a linear
+    head."""
 
     def __init__(self, channels, num_classes, width=32):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.Conv2d(2 * width, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten())
         self.head = nn.Linear(64, num_classes)
 
     def forward(self, x):  # uint8 (B, C, H, W) -> features (B, 64), logits (B, classes)
@@ -45,7 +48,8 @@ class Classifier(nn.Module):
 
 
 def frechet_distance(mu1, cov1, mu2, cov2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), with symmetric square roots (float64)."""
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), with symmetric square roots
+    (float64)."""
     def sqrtm(a):
         w, v = np.linalg.eigh((a + a.T) / 2)
         return (v * np.sqrt(w.clip(min=0))) @ v.T
@@ -63,9 +67,10 @@ class Evaluator:
     """A classifier of the data's training split (trained once, cached) and the test split's feature
     statistics; score(images, labels) -> class accuracy and FD proxy."""
 
-    def __init__(self, data, data_dir="data", image_size=32, seed=0, epochs=3, log=print, cache_dir=None):
-        require(data in SUPPORTED, f"the evaluator needs one of {', '.join(SUPPORTED)} (a test split), "
-                                   f"not {data!r}")
+    def __init__(self, data, data_dir="data", image_size=32, seed=0, epochs=3, log=print,
+                 cache_dir=None):
+        require(data in SUPPORTED, f"the evaluator needs one of {', '.join(SUPPORTED)} "
+                                   f"(a test split), not {data!r}")
         cache = Path(cache_dir or data_dir) / f"classifier-{data}-{image_size}-seed{seed}.pt"
         test = load_data(data, data_dir, image_size, "test")
         self.channels = test[0][0].shape[0]
@@ -86,7 +91,8 @@ class Evaluator:
         opt = torch.optim.Adam(self.net.parameters(), lr=2e-3)
         for _ in range(epochs):
             for idx in torch.randperm(len(x), generator=g).split(128):
-                xb = torch.where(torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5, x[idx].flip(-1), x[idx])
+                flip = torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5
+                xb = torch.where(flip, x[idx].flip(-1), x[idx])
                 loss = F.cross_entropy(self.net(xb)[1], y[idx])         # flips: the generator's too
                 opt.zero_grad()
                 loss.backward()
@@ -115,15 +121,16 @@ class Evaluator:
         return torch.cat([f for f, _ in out]).numpy(), torch.cat([lg for _, lg in out]).numpy()
 
     def score(self, images, labels):
-        """images: uint8 (N, H, W, 3) as sample.py and train.py write them; labels (N,) the classes asked
-        for. Returns the class accuracy and the FD proxy of all samples and of two disjoint halves."""
+        """images: uint8 (N, H, W, 3) as sample.py and train.py write them; labels (N,) the classes
+        asked for. Returns the class accuracy and the FD proxy of all samples and of two disjoint
+        halves."""
         x = images.transpose(0, 3, 1, 2)[:, :self.channels]           # grey samples were replicated
         feats, logits = self.features(x)
         feats = feats / self.scale
         half = np.arange(len(x)) % 2 == 0                  # alternate: both halves hold every class
         fd = lambda m: frechet_distance(*mean_and_cov(feats[m]), *self.ref)
-        return dict(accuracy=float((logits.argmax(1) == labels).mean()), fd=fd(np.ones(len(x), bool)),
-                    fd_half_a=fd(half), fd_half_b=fd(~half), n=len(x),
+        return dict(accuracy=float((logits.argmax(1) == labels).mean()),
+                    fd=fd(np.ones(len(x), bool)), fd_half_a=fd(half), fd_half_b=fd(~half), n=len(x),
                     classifier_test_accuracy=self.test_accuracy)
 
 
@@ -144,7 +151,8 @@ def main(argv=None):
 
 
 def evaluate(args):
-    require(args.per_class > 0 and args.batch_size > 0, "--per-class and --batch-size must be positive")
+    require(args.per_class > 0 and args.batch_size > 0,
+            "--per-class and --batch-size must be positive")
     for path, flag in ((args.json, "--json"), (args.grid, "--grid")):
         if path:
             writable_folder(path, flag)
@@ -152,7 +160,8 @@ def evaluate(args):
     run = ckpt["args"]
     steps = args.steps or run["sample_steps"]
     cfg_scale = run["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
-    require(1 <= steps <= 1000 and np.isfinite(cfg_scale), "--steps must be in 1..1000, --cfg-scale finite")
+    require(1 <= steps <= 1000 and np.isfinite(cfg_scale),
+            "--steps must be in 1..1000, --cfg-scale finite")
     evaluator = Evaluator(run["data"], run["data_dir"], run["image_size"], args.classifier_seed)
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(args.per_class)
     tick, images = time.time(), []
@@ -161,8 +170,9 @@ def evaluate(args):
         x = generate(model, R.Diffusion(), y, s, args.seed, steps, cfg_scale, clip_x0=True)
         images.append(to_uint8(x))
     images = np.concatenate(images)
-    scores = dict(ckpt=str(args.ckpt), step=ckpt["step"], steps=steps, cfg_scale=cfg_scale, seed=args.seed,
-                  classifier_seed=args.classifier_seed, sample_seconds=time.time() - tick,
+    scores = dict(ckpt=str(args.ckpt), step=ckpt["step"], steps=steps, cfg_scale=cfg_scale,
+                  seed=args.seed, classifier_seed=args.classifier_seed,
+                  sample_seconds=time.time() - tick,
                   **evaluator.score(images, labels.numpy()))
     print(json.dumps(scores, indent=1))
     if args.json:

@@ -5,8 +5,8 @@ latent format `train.py --data latents` reads (needs `pip install diffusers` and
     python extract_latents.py /path/to/imagenet/train latents/ --image-size 256
 
 moments.npy, float16 (N, 2, 8, s/8, s/8): for each image [0] and its horizontal flip [1], the VAE
-posterior [mean (4 channels) | log-variance (4 channels)]; labels.npy, int64 (N,), the class folder's
-index in sorted order. Both files are written atomically.
+posterior [mean (4 channels) | log-variance (4 channels)]; labels.npy, int64 (N,), the class
+folder's index in sorted order. Both files are written atomically.
 """
 import os
 from pathlib import Path
@@ -32,14 +32,16 @@ def extract_latents(folder, out_dir, image_size, encode, device, batch=64, worke
             # (B,2,2C,h,w)
             both = torch.stack([torch.cat(encode(v), dim=1) for v in (x, x.flip(-1))], dim=1)
             if moments is None:
-                moments = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(ds), *both.shape[1:]))
+                shape = (len(ds), *both.shape[1:])
+                moments = np.lib.format.open_memmap(tmp, "w+", np.float16, shape)
             moments[i * batch:i * batch + len(x)] = both.cpu().numpy()
             print(f"encoded {min((i + 1) * batch, len(ds))}/{len(ds)}", flush=True)
         moments.flush()
         os.replace(tmp, out_dir / "moments.npy")
     finally:
         tmp.unlink(missing_ok=True)
-    atomic_write(out_dir / "labels.npy", lambda t: np.save(t, ds.y.astype(np.int64), allow_pickle=False))
+    atomic_write(out_dir / "labels.npy",
+                 lambda t: np.save(t, ds.y.astype(np.int64), allow_pickle=False))
 
 
 def main(argv=None):
@@ -47,18 +49,21 @@ def main(argv=None):
     p.add_argument("folder", help="one subfolder per class")
     p.add_argument("out", help="where moments.npy and labels.npy go")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="a diffusers name or local path")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                   help="a diffusers name or local path")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
     args = p.parse_args(argv)
 
     def run():
-        require(args.image_size % 8 == 0 and args.image_size > 0, "--image-size must be a multiple of 8")
+        require(args.image_size % 8 == 0 and args.image_size > 0,
+                "--image-size must be a multiple of 8")
         require(Path(args.folder).is_dir(), f"{args.folder} is not a folder of class folders")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         vae = load_vae(args.vae, device)
         encode = lambda x: (lambda d: (d.mean, d.logvar))(vae.encode(x).latent_dist)
-        extract_latents(args.folder, args.out, args.image_size, encode, device, args.batch_size, args.workers)
+        extract_latents(args.folder, args.out, args.image_size, encode, device, args.batch_size,
+                        args.workers)
     run_main("extract_latents.py", run)
 
 

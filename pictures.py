@@ -1,6 +1,6 @@
 """
-The PNG pictures every script writes: sample grids and line charts (loss curves, experts per token by
-timestep, benchmark charts), drawn with Pillow alone.
+The PNG pictures every script writes: sample grids and line charts (loss curves, experts per token
+by timestep, benchmark charts), drawn with Pillow alone.
 """
 import json
 import math
@@ -74,5 +74,6 @@ def experts_chart(stats, path, k):
     colour = lambda i: (int(40 + 200 * i / max(n - 1, 1)), 110, int(240 - 200 * i / max(n - 1, 1)))
     series = [(stats["timesteps"], v, colour(i), 1) for i, v in enumerate(stats["per_layer"])]
     line_chart(series + [(stats["timesteps"], stats["mean"], (0, 0, 0), 3)], path,
-               f"experts per token: layers shallow (blue) to deep (red), mean (black), k = {k} (grey)",
+               "experts per token: layers shallow (blue) to deep (red), mean (black), "
+               f"k = {k} (grey)",
                "timestep (noisy -> clean)", hline=k, reverse_x=True)

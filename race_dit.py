@@ -1,13 +1,14 @@
 """
 Race-DiT: a Diffusion Transformer whose MLPs are Mixture-of-Experts layers routed by Expert Race.
 
-Paper: Yuan et al., "Expert Race: A Flexible Routing Strategy for Scaling Diffusion Transformer with
-Mixture of Experts", arXiv 2503.16057 (ICML 2025). Backbone: Peebles & Xie, "Scalable Diffusion Models
-with Transformers" (DiT), arXiv 2212.09748. S1..S7 below are the sections of PAPER.md, this repository's
-one-page digest of the paper, which also lists the details the paper leaves open and the choices made.
+Paper: Yuan et al., "Expert Race: A Flexible Routing Strategy for Scaling Diffusion Transformer
+with Mixture of Experts", arXiv 2503.16057 (ICML 2025). Backbone: Peebles & Xie, "Scalable
+Diffusion Models with Transformers" (DiT), arXiv 2212.09748. S1..S7 below are the sections of
+PAPER.md, this repository's one-page digest of the paper, which also lists the details the paper
+leaves open and the choices made.
 
-Read top to bottom: configuration, DiT building blocks, the MoE layer (routing, dispatch, threshold),
-the model, the auxiliary losses and routing statistics, the Gaussian diffusion.
+Read top to bottom: configuration, DiT building blocks, the MoE layer (routing, dispatch,
+threshold), the model, the auxiliary losses and routing statistics, the Gaussian diffusion.
 """
 import math
 import re
@@ -23,13 +24,14 @@ if not hasattr(F, "grouped_mm"):  # the floor in requirements.txt
     raise ImportError("race_dit needs torch >= 2.10 (torch.nn.functional.grouped_mm); "
                       f"found {torch.__version__}")
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configuration
 
 # name -> (depth, hidden size, heads); S from DiT, B/M/L/XL from the paper's Table 4 (S1);
-# XS (this repository's) for CPU runs and tests; XSD has XS's compute at three times its depth (the PLR test, S5).
-SIZES = {"XS": (6, 192, 3), "XSD": (18, 112, 2), "S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 960, 16),
-         "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+# XS (this repository's) for CPU runs and tests; XSD has XS's compute at three times its depth
+# (the PLR test, S5).
+SIZES = {"XS": (6, 192, 3), "XSD": (18, 112, 2), "S": (12, 384, 6), "B": (12, 768, 12),
+         "M": (16, 960, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 ROUTINGS = ("race", "token", "expert", "dense")
 GATINGS = ("identity", "softmax", "sigmoid")
 
@@ -64,7 +66,8 @@ class Config:
         need(self.hidden_size % self.num_heads == 0, "hidden size must be divisible by the heads")
         if self.routing != "dense":
             E, k = self.num_experts, self.top_k
-            need(1 <= k <= E, f"top-k must be between 1 and the number of experts: got k={k}, E={E}")
+            need(1 <= k <= E,
+                 f"top-k must be between 1 and the number of experts: got k={k}, E={E}")
             self.granularity = self.granularity or k
             width = int(self.mlp_ratio * self.hidden_size)
             need(self.mlp_hidden * self.granularity == width,
@@ -82,7 +85,8 @@ class Config:
 
     @property
     def mlp_hidden(self):  # width of one expert (or of the dense MLP)
-        return int(self.mlp_ratio * self.hidden_size) // (1 if self.routing == "dense" else self.granularity)
+        width = int(self.mlp_ratio * self.hidden_size)
+        return width // (1 if self.routing == "dense" else self.granularity)
 
     @property
     def capacity(self):  # tokens per expert per image under expert-choice (S3, Fig. 3)
@@ -90,14 +94,17 @@ class Config:
 
 
 def make_config(name="S/2", experts=None, **kw):
-    """`make_config("XL/2", "4in32")` -> Config. `experts=None` (or routing="dense") gives a dense DiT."""
+    """`make_config("XL/2", "4in32")` -> Config. `experts=None` (or routing="dense") gives a
+    dense DiT."""
     m = re.fullmatch(r"(?:DiT-)?(XSD|XS|S|B|M|L|XL)/(\d+)", name)
     if not m:
-        raise ValueError(f"unknown model {name!r}; expected e.g. S/2, B/4, XL/2 (sizes {', '.join(SIZES)})")
+        raise ValueError(f"unknown model {name!r}; expected e.g. S/2, B/4, XL/2 "
+                         f"(sizes {', '.join(SIZES)})")
     if int(m.group(2)) < 1:
         raise ValueError(f"the patch size must be at least 1, got {name!r}")
     depth, hidden, heads = SIZES[m.group(1)]
-    kw = {**dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(m.group(2))), **kw}
+    base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(m.group(2)))
+    kw = {**base, **kw}
     if experts is None:
         kw.setdefault("routing", "dense")
     else:
@@ -108,7 +115,7 @@ def make_config(name="S/2", experts=None, **kw):
     return Config(**kw)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # DiT building blocks (S1). Module names follow the reference DiT so its checkpoints load unchanged.
 
 def modulate(x, shift, scale):  # adaLN: x (B, L, D), shift/scale (B, D)
@@ -116,8 +123,8 @@ def modulate(x, shift, scale):  # adaLN: x (B, L, D), shift/scale (B, D)
 
 
 def sincos_pos_embed(dim, grid):
-    """Fixed 2D sin-cos embedding, (grid*grid, dim). Token r*grid+c: first half encodes the column c,
-    second half the row r, each as [sin, cos] over dim/4 frequencies (DiT's layout)."""
+    """Fixed 2D sin-cos embedding, (grid*grid, dim). Token r*grid+c: first half encodes the column
+    c, second half the row r, each as [sin, cos] over dim/4 frequencies (DiT's layout)."""
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))   # (dim/4,)
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
     def enc(pos):
@@ -145,11 +152,13 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)   # (half,)
         ang = t.float()[:, None] * freqs[None]                                           # (B, half)
-        return self.mlp(torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1).to(self.mlp[0].weight.dtype))
+        emb = torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 def drop_labels(y, p, num_classes):
-    """Classifier-free guidance training: replace each label by the null class with probability p."""
+    """Classifier-free guidance training: replace each label by the null class with
+    probability p."""
     drop = torch.rand(y.shape, device=y.device) < p
     return torch.where(drop, torch.full_like(y, num_classes), y)
 
@@ -193,16 +202,16 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The MoE layer (S2-S4)
 
 def use_grouped_mm(device, dtype, capability=None, compiling=None):
     """Whether one F.grouped_mm beats the loop over experts (benchmarks/README.md has the timings).
-    CUDA: only on compute capability 9.x (Hopper) in bf16, where it runs without host synchronisation;
-    elsewhere it falls back to a loop that copies the group offsets to the host. Not on Blackwell
-    (10.x), where an expert without tokens (which Expert Race allows) gets an unwritten weight
-    gradient (pytorch/pytorch#172439). CPU: in bf16 and fp32 (no float64 kernel), but not in fp32
-    under torch.compile, whose shape function for it accepts bf16 only."""
+    CUDA: only on compute capability 9.x (Hopper) in bf16, where it runs without host
+    synchronisation; elsewhere it falls back to a loop that copies the group offsets to the host.
+    Not on Blackwell (10.x), where an expert without tokens (which Expert Race allows) gets an
+    unwritten weight gradient (pytorch/pytorch#172439). CPU: in bf16 and fp32 (no float64 kernel),
+    but not in fp32 under torch.compile, whose shape function for it accepts bf16 only."""
     if device.type == "cpu":
         compiling = torch.compiler.is_compiling() if compiling is None else compiling
         return dtype == torch.bfloat16 or (dtype == torch.float32 and not compiling)
@@ -219,10 +228,10 @@ def compute_dtype(x):
 
 
 def grouped_matmul(x, w, ends, grouped=None):
-    """Rows of x (P, Din) are grouped by expert (group e ends at row ends[e]); returns group e @ w[e]
-    for every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a loop over experts.
-    Autocast does not cover grouped_mm, so the weights are cast here: once per forward, as autocast
-    casts an nn.Linear's weight."""
+    """Rows of x (P, Din) are grouped by expert (group e ends at row ends[e]); returns group
+    e @ w[e] for every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a
+    loop over experts. Autocast does not cover grouped_mm, so the weights are cast here: once per
+    forward, as autocast casts an nn.Linear's weight."""
     dtype = compute_dtype(x)
     x, w = x.to(dtype), w.to(dtype)
     if use_grouped_mm(x.device, dtype) if grouped is None else grouped:
@@ -234,9 +243,9 @@ def grouped_matmul(x, w, ends, grouped=None):
 class MoE(nn.Module):
     """Router, E bias-free experts held as stacked weights, and the PLR target head (S2, S5).
 
-    forward(x (B, L, D)) -> (out (B, L, D), aux) where aux holds what the losses and statistics need:
-    logits (B, L, E), mask (B, L, E) of selected pairs, cutoff (race top-K), and in training plr
-    (B, L, p*p*C), which the model turns into image layout (B, C, H, W).
+    forward(x (B, L, D)) -> (out (B, L, D), aux) where aux holds what the losses and statistics
+    need: logits (B, L, E), mask (B, L, E) of selected pairs, cutoff (race top-K), and in training
+    plr (B, L, p*p*C), which the model turns into image layout (B, C, H, W).
     """
 
     def __init__(self, cfg: Config):
@@ -254,7 +263,8 @@ class MoE(nn.Module):
         bound = math.sqrt(6 / (D + H))  # xavier-uniform per expert, like the dense MLP's fc1/fc2
         self.w1 = nn.Parameter(torch.empty(E, D, H).uniform_(-bound, bound))
         self.w2 = nn.Parameter(torch.empty(E, H, D).uniform_(-bound, bound))
-        # S4 inference threshold: EMA of the race cutoff, updated by the model after each training forward.
+        # S4 inference threshold: EMA of the race cutoff, updated by the model after each
+        # training forward.
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         self.use_threshold = True  # eval-mode race: score >= threshold; False forces batch top-K
@@ -265,17 +275,19 @@ class MoE(nn.Module):
         return logits.sigmoid() if self.gating == "sigmoid" else logits
 
     def select(self, scores, B, L):
-        """Selected (token, expert) pairs as sorted indices into the expert-major flat (E * N) grid,
-        index e*N + n, so sorting groups the pairs by expert. Returns (pairs, race cutoff or None)."""
+        """Selected (token, expert) pairs as sorted indices into the expert-major flat (E * N)
+        grid, index e*N + n, so sorting groups the pairs by expert. Returns (pairs, race cutoff
+        or None)."""
         N, E, k = B * L, self.E, self.k
         st = scores.t()                                                   # (E, N)
         if self.routing == "race":
             if self.training or not self.use_threshold:
-                # Expert Race (S3): one top-K over all B*L*E scores; K = B*L*k exactly, ties included.
+                # Expert Race (S3): one top-K over all B*L*E scores; K = B*L*k exactly,
+                # ties included.
                 vals, idx = st.reshape(-1).topk(N * k, sorted=False)
                 return idx.sort().values, vals.min()
-            # S4: per-pair threshold, so a token's experts do not depend on its batch (host sync: the
-            # number of pairs is data dependent; inference only).
+            # S4: per-pair threshold, so a token's experts do not depend on its batch (host sync:
+            # the number of pairs is data dependent; inference only).
             return (st.reshape(-1) >= self.threshold).nonzero().squeeze(1), None
         if self.routing == "token":                                      # top-k experts per token
             e = scores.topk(k, dim=1).indices                             # (N, k)
@@ -291,8 +303,8 @@ class MoE(nn.Module):
         N, E = B * L, self.E
         xf = x.reshape(N, D)
         h = self.router(xf)                                               # (N, D)
-        # Routing decisions at fp32 resolution: under bf16 autocast, bf16 logits would tie at the race's
-        # cutoff and at the inference threshold (S3, S4).
+        # Routing decisions at fp32 resolution: under bf16 autocast, bf16 logits would tie at the
+        # race's cutoff and at the inference threshold (S3, S4).
         with torch.autocast(x.device.type, enabled=False):
             logits = self.scorer(h.to(self.scorer.weight.dtype))         # (N, E)
         scores = self.gating_fn(logits)                                   # (N, E)
@@ -300,8 +312,9 @@ class MoE(nn.Module):
         expert, token = pairs // N, pairs % N                             # (P,), (P,)
         # Group ends per expert, found in the sorted pairs without a host sync.
         ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
-        # Dispatch: only the P selected pairs are computed; an expert may get any load, zero included.
-        # Tokens are cast to the compute dtype before the gather: N rows cast, not P = k * N.
+        # Dispatch: only the P selected pairs are computed; an expert may get any load, zero
+        # included. Tokens are cast to the compute dtype before the gather: N rows cast, not
+        # P = k * N.
         tokens = xf.to(compute_dtype(xf)).index_select(0, token)          # (P, D)
         hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
         out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
@@ -310,20 +323,22 @@ class MoE(nn.Module):
         out = out * pair_scores.unsqueeze(1).to(out.dtype)                # (P, D)
         y = torch.zeros(N, D, device=x.device, dtype=out.dtype).index_add_(0, token, out)  # (N, D)
         mask = torch.zeros(E * N, dtype=torch.bool, device=x.device).index_fill_(0, pairs, True)
-        layer_aux = dict(logits=logits.view(B, L, E), mask=mask.view(E, B, L).permute(1, 2, 0), cutoff=cutoff)
+        layer_aux = dict(logits=logits.view(B, L, E), mask=mask.view(E, B, L).permute(1, 2, 0),
+                         cutoff=cutoff)
         if self.training:
             layer_aux["plr"] = self.plr_head(h).view(B, L, -1)
         return y.view(B, L, D), layer_aux
 
     @torch.no_grad()
     def update_threshold(self, cutoff):
-        # The first update takes the cutoff itself; later ones the EMA. torch.where avoids a host sync.
+        # The first update takes the cutoff itself; later ones the EMA.
+        # torch.where avoids a host sync.
         ema = self.decay * self.threshold + (1 - self.decay) * cutoff
         self.threshold.copy_(torch.where(self.threshold_updates > 0, ema, cutoff))
         self.threshold_updates += 1
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model
 
 class DiTBlock(nn.Module):
@@ -377,7 +392,8 @@ class RaceDiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
-        # A Parameter without gradient, as in DiT, so reference checkpoints and parameter counts match.
+        # A Parameter without gradient, as in DiT, so reference checkpoints and parameter
+        # counts match.
         self.pos_embed = nn.Parameter(sincos_pos_embed(D, cfg.input_size // cfg.patch_size)[None],
                                       requires_grad=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
@@ -411,19 +427,20 @@ class RaceDiT(nn.Module):
         aux = []
         for block in self.blocks:
             if self.recompute and torch.is_grad_enabled():
-                # Activation recomputation: keep only the block's input; backward recomputes the block
-                # (it draws no random numbers).
+                # Activation recomputation: keep only the block's input; backward recomputes the
+                # block (it draws no random numbers).
                 h, layer_aux = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False,
                                                              preserve_rng_state=False)
             else:
                 h, layer_aux = block(h, c)
             if layer_aux is not None:
-                # S4 threshold EMA, here rather than in the MoE: a block recomputed for backward must not
-                # update it a second time.
+                # S4 threshold EMA, here rather than in the MoE: a block recomputed for backward
+                # must not update it a second time.
                 if self.training and layer_aux["cutoff"] is not None:
                     block.mlp.update_threshold(layer_aux["cutoff"].detach().float())
                 if "plr" in layer_aux:  # S5 predictions in image layout, like the diffusion target
-                    layer_aux["plr"] = unpatchify(layer_aux["plr"], self.cfg.patch_size, self.cfg.in_channels)
+                    layer_aux["plr"] = unpatchify(layer_aux["plr"], self.cfg.patch_size,
+                                                  self.cfg.in_channels)
                 aux.append(layer_aux)
         out = unpatchify(self.final_layer(h, c), self.cfg.patch_size, self.cfg.out_channels)
         return (out, aux) if return_aux else out
@@ -461,13 +478,13 @@ def count_params(model, blocks_only=False):
     return total, activated
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Auxiliary losses (S5, S6) and routing statistics. Each takes the per-layer aux the model returns.
 
 def rsl_loss(logits, mask):
-    """S6: L_RSL = (1/N) sum_ij W_ij (P^T P)_ij, P = softmax(logits) (N, E), W from the selection counts
-    M^T M (no gradient): the diagonal balances each expert's load, the off-diagonal each pair's.
-    In fp32 under autocast too, so that the counts are exact."""
+    """S6: L_RSL = (1/N) sum_ij W_ij (P^T P)_ij, P = softmax(logits) (N, E), W from the selection
+    counts M^T M (no gradient): the diagonal balances each expert's load, the off-diagonal each
+    pair's. In fp32 under autocast too, so that the counts are exact."""
     E = logits.shape[-1]
     with torch.autocast(logits.device.type, enabled=False):
         P = logits.reshape(-1, E).float().softmax(-1)                     # (N, E)
@@ -481,8 +498,8 @@ def rsl_loss(logits, mask):
 
 
 def balance_loss(logits, mask):
-    """Switch-style load balance for the token-choice baseline: E * sum_e f_e * mean P_e, where f_e is
-    the fraction of selections going to expert e; 1 when balanced."""
+    """Switch-style load balance for the token-choice baseline: E * sum_e f_e * mean P_e, where
+    f_e is the fraction of selections going to expert e; 1 when balanced."""
     E = logits.shape[-1]
     P = logits.reshape(-1, E).float().softmax(-1)
     M = mask.reshape(-1, E).float()
@@ -501,8 +518,9 @@ def moe_losses(aux, target):
 
 
 def experts_per_image(aux):
-    """Mean experts per token of each image in each MoE layer, (layers, B): the quantity of the paper's
-    Fig. 6. Training logs bin it by timestep; sample.py averages it at every sampling step."""
+    """Mean experts per token of each image in each MoE layer, (layers, B): the quantity of the
+    paper's Fig. 6. Training logs bin it by timestep; sample.py averages it at every sampling
+    step."""
     return torch.stack([a["mask"].float().sum(-1).mean(-1) for a in aux])
 
 
@@ -527,7 +545,8 @@ class ExpertsByTimestep:
 
 
 def layer_routing_stats(mask):
-    """One layer's load per expert, MaxVio, combination usage and mean experts per token; mask (..., E)."""
+    """One layer's load per expert, MaxVio, combination usage and mean experts per token;
+    mask (..., E)."""
     M = mask.reshape(-1, mask.shape[-1]).float()                          # (N, E)
     E = M.shape[1]
     load = M.sum(0)                                                       # (E,)
@@ -541,8 +560,9 @@ def layer_routing_stats(mask):
 
 @torch.no_grad()
 def routing_stats(aux, t=None, num_timesteps=1000, bins=10):
-    """Per layer and averaged: load per expert, MaxVio, combination usage (% of expert pairs covering
-    95% of co-activations; S6, Table 2) and mean experts per token; per timestep bin when t is given."""
+    """Per layer and averaged: load per expert, MaxVio, combination usage (% of expert pairs
+    covering 95% of co-activations; S6, Table 2) and mean experts per token; per timestep bin
+    when t is given."""
     layers = [layer_routing_stats(a["mask"]) for a in aux]
     mean = lambda key: sum(layer[key] for layer in layers) / len(layers)
     stats = dict(max_vio=mean("max_vio"), comb_usage=mean("comb_usage"),
@@ -559,9 +579,10 @@ def routing_stats(aux, t=None, num_timesteps=1000, bins=10):
 
 @torch.no_grad()
 def calibrate_thresholds(model, diffusion, batches):
-    """S4 (chosen): re-estimate every race layer's inference threshold as the mean batch top-K cutoff
-    over training-like batches (x0, y): random t, noise and label dropout. Use it on EMA copies, whose
-    router logits differ from the online model's. Restores the model's mode and routing."""
+    """S4 (chosen): re-estimate every race layer's inference threshold as the mean batch top-K
+    cutoff over training-like batches (x0, y): random t, noise and label dropout. Use it on EMA
+    copies, whose router logits differ from the online model's. Restores the model's mode and
+    routing."""
     layers = [m for m in model.moe_layers() if m.routing == "race"]
     if not layers:
         return
@@ -581,19 +602,20 @@ def calibrate_thresholds(model, diffusion, batches):
     model.train(was_training)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Gaussian diffusion (S7, chosen: DDPM, linear betas 1e-4..0.02, 1000 steps, epsilon prediction)
 
 def schedule(ab):
     """Per-step quantities of a (possibly respaced) schedule from its alphas_cumprod (T,), all in
-    float64: square roots and differences are taken here, before any cast to a tensor's dtype, as DiT
-    does (1 - ab in fp32 cancels at small t)."""
+    float64: square roots and differences are taken here, before any cast to a tensor's dtype, as
+    DiT does (1 - ab in fp32 cancels at small t)."""
     ab_prev = np.append(1.0, ab[:-1])
     betas = 1 - ab / ab_prev
     post_var = betas * (1 - ab_prev) / (1 - ab)                   # variance of q(x_{t-1} | x_t, x0)
     # It is 0 at t = 0: DiT (IDDPM) clips its log to the value at t = 1.
     post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(ab) > 1 else np.log(betas)
-    return dict(ab=ab, ab_prev=ab_prev, betas=betas, log_betas=np.log(betas), post_logvar=post_logvar,
+    return dict(ab=ab, ab_prev=ab_prev, betas=betas, log_betas=np.log(betas),
+                post_logvar=post_logvar,
                 sqrt_ab=np.sqrt(ab), sqrt_1m_ab=np.sqrt(1 - ab),                       # q(x_t | x0)
                 sqrt_recip_ab=np.sqrt(1 / ab), sqrt_recipm1_ab=np.sqrt(1 / ab - 1),    # x0 from eps
                 coef_x0=betas * np.sqrt(ab_prev) / (1 - ab),                        # posterior mean
@@ -601,7 +623,8 @@ def schedule(ab):
 
 
 def predict_x0(xt, eps, sqrt_recip_ab, sqrt_recipm1_ab):
-    """x0 implied by an epsilon prediction; schedule terms are floats or tensors broadcast against x."""
+    """x0 implied by an epsilon prediction; schedule terms are floats or tensors broadcast
+    against x."""
     return sqrt_recip_ab * xt - sqrt_recipm1_ab * eps
 
 
@@ -611,19 +634,22 @@ def posterior_mean(x0, xt, coef_x0, coef_xt):
 
 
 def learned_logvar(v, log_beta, post_logvar):
-    """DiT's learned variance (IDDPM): v in [-1, 1] interpolates log beta and the posterior's log variance."""
+    """DiT's learned variance (IDDPM): v in [-1, 1] interpolates log beta and the posterior's log
+    variance."""
     frac = (v + 1) / 2
     return frac * log_beta + (1 - frac) * post_logvar
 
 
 def discretized_log_likelihood(x, mean, log_scale):
-    """log p(x) of 8-bit data in [-1, 1] under a Gaussian discretized to bins of width 2/255, with the
-    tanh approximation of the normal CDF and open-ended first and last bins (IDDPM's decoder)."""
+    """log p(x) of 8-bit data in [-1, 1] under a Gaussian discretized to bins of width 2/255, with
+    the tanh approximation of the normal CDF and open-ended first and last bins (IDDPM's
+    decoder)."""
     cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
     inv = torch.exp(-log_scale)
     upper, lower = cdf(inv * (x - mean + 1 / 255)), cdf(inv * (x - mean - 1 / 255))
     log = lambda p: p.clamp(min=1e-12).log()
-    return torch.where(x < -0.999, log(upper), torch.where(x > 0.999, log(1 - lower), log(upper - lower)))
+    return torch.where(x < -0.999, log(upper),
+                       torch.where(x > 0.999, log(1 - lower), log(upper - lower)))
 
 
 class Diffusion:
@@ -649,9 +675,9 @@ class Diffusion:
 
     def training_losses(self, model, x0, y, plr_weight=0.1, rsl_weight=0.01, balance_weight=0.0,
                         t=None, noise=None):
-        """Returns (losses, aux): losses has 'loss' (the total to minimise) and each term unweighted:
-        'mse', for learned-variance models 'vb', for MoE models 'plr', 'rsl', 'balance'; aux is the
-        model's per-layer MoE aux."""
+        """Returns (losses, aux): losses has 'loss' (the total to minimise) and each term
+        unweighted: 'mse', for learned-variance models 'vb', for MoE models 'plr', 'rsl',
+        'balance'; aux is the model's per-layer MoE aux."""
         B, C = x0.shape[:2]
         t = torch.randint(0, self.num_timesteps, (B,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
@@ -661,7 +687,8 @@ class Diffusion:
         losses = dict(mse=F.mse_loss(out[:, :C], noise))
         loss = losses["mse"]
         if out.shape[1] == 2 * C:  # DiT's hybrid loss: the bound trains the variance, not the mean
-            losses["vb"] = self.vb(out[:, :C].detach(), out[:, C:], x0.to(out.dtype), xt.to(out.dtype), t)
+            losses["vb"] = self.vb(out[:, :C].detach(), out[:, C:], x0.to(out.dtype),
+                                   xt.to(out.dtype), t)
             loss = loss + losses["vb"]
         if aux:
             losses.update(moe_losses(aux, noise))
@@ -671,8 +698,9 @@ class Diffusion:
         return losses, aux
 
     def vb(self, eps, v, x0, xt, t):
-        """The variational bound's term for each sample in bits per dimension, averaged (DiT, IDDPM):
-        KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0 at t = 0."""
+        """The variational bound's term for each sample in bits per dimension, averaged (DiT,
+        IDDPM): KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0
+        at t = 0."""
         at = lambda name: self._at(name, t, xt)
         x0_pred = predict_x0(xt, eps, at("sqrt_recip_ab"), at("sqrt_recipm1_ab"))
         true_mean = posterior_mean(x0, xt, at("coef_x0"), at("coef_xt"))
@@ -686,8 +714,9 @@ class Diffusion:
         return per_sample.mean()
 
     def respaced(self, steps):
-        """DiT's respacing (space_timesteps with one section): a stride of (T-1)/(steps-1) accumulated in
-        floating point and rounded half to even. Returns (timesteps, schedule restricted to them)."""
+        """DiT's respacing (space_timesteps with one section): a stride of (T-1)/(steps-1)
+        accumulated in floating point and rounded half to even. Returns (timesteps, schedule
+        restricted to them)."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
         stride = (self.num_timesteps - 1) / (steps - 1) if steps > 1 else 1
@@ -702,8 +731,8 @@ class Diffusion:
     def sample(self, model, y, shape, steps=250, method="ddpm", cfg_scale=1.0, generators=None,
                clip_x0=False, eta=0.0, on_step=None):
         """Ancestral DDPM on respaced steps or DDIM (eta=0: deterministic). y (B,), shape (C, H, W).
-        `generators`: one torch.Generator (CPU) per sample, so a sample does not depend on its batch.
-        on_step(i, t, aux) is called after every model evaluation (routing statistics)."""
+        `generators`: one torch.Generator (CPU) per sample, so a sample does not depend on its
+        batch. on_step(i, t, aux) is called after every model evaluation (routing statistics)."""
         if method not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {method!r}")
         dev, B, C = y.device, y.shape[0], shape[0]

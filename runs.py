@@ -55,7 +55,8 @@ def disk_full(e):
 
 
 def run_main(prog, fn):
-    """Run fn(); a UserError, Diverged or full disk becomes one line on stderr and a non-zero exit."""
+    """Run fn(); a UserError, Diverged or full disk becomes one line on stderr and a non-zero
+    exit."""
     try:
         return fn()
     except (UserError, Diverged) as e:
@@ -70,8 +71,9 @@ def run_main(prog, fn):
 
 
 def atomic_write(path, write):
-    """write(tmp_path), then rename over path: an interrupted or failed write (kill, full disk) leaves
-    the old file intact and no temporary file behind. Every file the project writes goes through here."""
+    """write(tmp_path), then rename over path: an interrupted or failed write (kill, full disk)
+    leaves the old file intact and no temporary file behind. Every file the project writes goes
+    through here."""
     path = Path(path)
     # suffix kept: np.save adds one
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
@@ -86,17 +88,19 @@ def writable_folder(path, what):
     """Fail before any work when an output's folder is missing or read-only."""
     folder = Path(path).resolve().parent
     if not folder.is_dir():
-        raise UserError(f"{what}: the folder {folder} does not exist; create it or choose another path")
+        raise UserError(f"{what}: the folder {folder} does not exist; "
+                        "create it or choose another path")
     try:  # a real write: permission bits alone do not tell for root or a read-only file system
         tempfile.TemporaryFile(dir=folder).close()
     except OSError:
-        raise UserError(f"{what}: the folder {folder} is not writable; choose another path") from None
+        raise UserError(f"{what}: the folder {folder} is not writable; "
+                        "choose another path") from None
 
 
 @contextlib.contextmanager
 def locked(folder):
-    """An exclusive lock on a run folder while the block runs. A second run on the same folder fails at
-    once; the kernel drops the lock of a killed process, so no stale lock can block."""
+    """An exclusive lock on a run folder while the block runs. A second run on the same folder fails
+    at once; the kernel drops the lock of a killed process, so no stale lock can block."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
@@ -121,13 +125,15 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """A train.py checkpoint, memory-mapped (only what is read is loaded), with every key checked."""
+    """A train.py checkpoint, memory-mapped (only what is read is loaded), with every key
+    checked."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        raise UserError(f"{path} is not a readable checkpoint "
+                        f"({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path} is not a race-dit checkpoint (written by this project's train.py)")
     missing = [k for k in CKPT_KEYS if k not in ckpt]
@@ -136,8 +142,8 @@ def load_checkpoint(path):
 
 
 def keep_metrics(path, upto):
-    """Keep the records of steps <= upto (the checkpoint's step): a restart redoes the others. A line
-    cut by a kill mid-write is dropped too."""
+    """Keep the records of steps <= upto (the checkpoint's step): a restart redoes the others. A
+    line cut by a kill mid-write is dropped too."""
     kept = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:

@@ -1,6 +1,6 @@
 """
-Sample from a train.py checkpoint (or a reference DiT state_dict): a PNG grid, an ADM-format .npz for
-FID, and the routing picture (experts per token by timestep, the paper's Fig. 6).
+Sample from a train.py checkpoint (or a reference DiT state_dict): a PNG grid, an ADM-format .npz
+for FID, and the routing picture (experts per token by timestep, the paper's Fig. 6).
 
     python sample.py --ckpt runs/default/ckpt.pt --out grid.png
     python sample.py --ckpt CKPT --num-samples 50000 --npz samples.npz --cfg-scale 1.5 --steps 250
@@ -24,13 +24,15 @@ import torch.distributed as dist
 import race_dit as R
 from data import LATENT_SCALE, load_vae, to_uint8
 from pictures import experts_chart, save_grid
-from runs import Parser, UserError, atomic_write, load_checkpoint, require, run_main, writable_folder
+from runs import (Parser, UserError, atomic_write, load_checkpoint, require, run_main,
+                  writable_folder)
 
 
 def parse_args(argv=None):
     p = Parser(prog="sample.py", description=__doc__)
     a = p.add_argument
-    a("--ckpt", required=True, help="a train.py checkpoint, or a reference DiT state_dict with --model")
+    a("--ckpt", required=True,
+      help="a train.py checkpoint, or a reference DiT state_dict with --model")
     a("--model", help="for a reference DiT state_dict: its size, e.g. XL/2")
     a("--online", action="store_true", help="the online weights instead of the EMA")
     a("--inference-routing", default="threshold", choices=["threshold", "topk"],
@@ -46,7 +48,8 @@ def parse_args(argv=None):
     a("--nrow", type=int, default=8)
     a("--npz", help="also write the samples as uint8 (N, H, W, 3) arr_0 (ADM evaluation format)")
     a("--experts-by-timestep", help="JSON path; also writes a PNG chart beside it")
-    a("--vae", default="stabilityai/sd-vae-ft-ema", help="decodes a latent model's samples (diffusers)")
+    a("--vae", default="stabilityai/sd-vae-ft-ema",
+      help="decodes a latent model's samples (diffusers)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast on CUDA (as train.py, whose thresholds it calibrated), fp32 on CPU")
@@ -54,8 +57,9 @@ def parse_args(argv=None):
 
 
 def use_bf16(precision, device):
-    """--precision (train.py, sample.py, bench.py): bf16 autocast for bf16, and for auto on CUDA; fp32
-    otherwise (auto on a CPU: bf16 autocast is slower there for the small models a CPU runs)."""
+    """--precision (train.py, sample.py, bench.py): bf16 autocast for bf16, and for auto on CUDA;
+    fp32 otherwise (auto on a CPU: bf16 autocast is slower there for the small models a CPU
+    runs)."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
@@ -67,9 +71,10 @@ def autocast(precision, device):
 
 
 @torch.no_grad()
-def generate(model, diffusion, y, first, seed, steps, cfg_scale, clip_x0, method="ddpm", on_step=None):
-    """Samples for labels y, sample i seeded by (seed, first + i) alone: the same images whatever the
-    batch size or process split (with threshold routing)."""
+def generate(model, diffusion, y, first, seed, steps, cfg_scale, clip_x0, method="ddpm",
+             on_step=None):
+    """Samples for labels y, sample i seeded by (seed, first + i) alone: the same images whatever
+    the batch size or process split (with threshold routing)."""
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + first + i) for i in range(len(y))]
     shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
     return diffusion.sample(model, y, shape, steps=steps, method=method, cfg_scale=cfg_scale,
@@ -77,8 +82,9 @@ def generate(model, diffusion, y, first, seed, steps, cfg_scale, clip_x0, method
 
 
 def load_model(path, online=False, size=None):
-    """(model in eval mode, checkpoint) from a train.py checkpoint (the EMA weights unless online), or
-    from a bare reference DiT state_dict (e.g. DiT-XL-2-256x256.pt) given its size, e.g. "XL/2"."""
+    """(model in eval mode, checkpoint) from a train.py checkpoint (the EMA weights unless online),
+    or from a bare reference DiT state_dict (e.g. DiT-XL-2-256x256.pt) given its size, e.g.
+    "XL/2"."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -97,7 +103,8 @@ def load_model(path, online=False, size=None):
         model = R.RaceDiT(cfg)
         model.load_state_dict(ckpt["model" if online else "ema"])
     except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path} does not match this model: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"{path} does not match this model: "
+                        f"{str(e).splitlines()[0][:200]}") from None
     return model.eval(), ckpt
 
 
@@ -124,13 +131,16 @@ def run(args, grid_max=256):
     require(1 <= args.steps <= 1000, "--steps must be in 1..1000")
     require(args.batch_size > 0 and args.nrow > 0, "--batch-size and --nrow must be positive")
     require(args.num_samples is None or args.num_samples > 0, "--num-samples must be positive")
-    require(math.isfinite(args.cfg_scale) and args.cfg_scale >= 0, "--cfg-scale must be a number >= 0")
+    require(math.isfinite(args.cfg_scale) and args.cfg_scale >= 0,
+            "--cfg-scale must be a number >= 0")
     require(0 <= args.seed < 2**31, "--seed must be in 0..2147483647")
-    for path, flag in ((args.out, "--out"), (args.npz, "--npz"), (args.experts_by_timestep, "--experts-by-timestep")):
+    for path, flag in ((args.out, "--out"), (args.npz, "--npz"),
+                       (args.experts_by_timestep, "--experts-by-timestep")):
         if path:
             writable_folder(path, flag)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else args.device)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda"
+                          else args.device)
     model, ckpt = load_model(args.ckpt, args.online, args.model)
     latent, digest = ckpt["args"]["data"] == "latents", weights_digest(model)
     model.to(device)
@@ -143,14 +153,15 @@ def run(args, grid_max=256):
         try:
             vae = load_vae(args.vae, device)
         except UserError as e:
-            require(not args.npz, f"--npz of a latent model needs the VAE to decode its samples: {e}")
+            require(not args.npz,
+                    f"--npz of a latent model needs the VAE to decode its samples: {e}")
             print(f"note: {e}; writing latents only. Decode them with diffusers: "
                   f"AutoencoderKL.from_pretrained('{args.vae}').decode(z / {LATENT_SCALE}).sample")
     if world > 1:  # bounded: a process that died makes the others fail instead of wait forever
         timeout = datetime.timedelta(minutes=10)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    # --npz: each batch is saved as a part file; a rerun resumes only if the weights (by content), the
-    # labels and every setting that changes an image are the same.
+    # --npz: each batch is saved as a part file; a rerun resumes only if the weights (by content),
+    # the labels and every setting that changes an image are the same.
     parts = Path(args.npz + ".parts") if args.npz else None
     meta = dict(weights_sha256=digest, online=args.online, routing=args.inference_routing,
                 precision=args.precision,
@@ -175,21 +186,22 @@ def run(args, grid_max=256):
             images = np.load(part)                                       # resumed: generated before
         else:
             with precision():
-                x = generate(model, diffusion, labels[s:s + args.batch_size].to(device), s, args.seed,
-                             args.steps, args.cfg_scale, clip_x0=not latent, method=args.sampler,
-                             on_step=stats)
+                x = generate(model, diffusion, labels[s:s + args.batch_size].to(device), s,
+                             args.seed, args.steps, args.cfg_scale, clip_x0=not latent,
+                             method=args.sampler, on_step=stats)
             if latent:
                 latents.append(x.cpu().numpy())
                 x = vae.decode(x / LATENT_SCALE).sample if vae is not None else None
             images = to_uint8(x) if x is not None else None
             if part is not None:
-                atomic_write(part, lambda tmp, images=images: np.save(tmp, images, allow_pickle=False))
+                atomic_write(part,
+                             lambda tmp, images=images: np.save(tmp, images, allow_pickle=False))
         if images is not None and sum(map(len, shown)) < grid_max:
             shown.append(images)
         if rank == 0:
             last = min(s + args.batch_size, len(labels)) - 1
-            print(f"batch {b + 1}/{len(mine)} (process 0 of {world}): samples {s}..{last} of {len(labels)}",
-                  flush=True)
+            print(f"batch {b + 1}/{len(mine)} (process 0 of {world}): "
+                  f"samples {s}..{last} of {len(labels)}", flush=True)
     if world > 1:
         dist.barrier()                                                    # every part is on disk
         dist.destroy_process_group()
@@ -210,16 +222,19 @@ def run(args, grid_max=256):
     if latents:
         path = Path(args.out or "samples").with_suffix(".latents.npy")
         atomic_write(path, lambda tmp: np.save(tmp, np.concatenate(latents)))
-        print(f"wrote {path}: latents on the model's scale (divide by {LATENT_SCALE} before decoding)")
+        print(f"wrote {path}: latents on the model's scale "
+              f"(divide by {LATENT_SCALE} before decoding)")
     if stats.sums:
         result = stats.result()
         print(f"mean experts per token ({args.inference_routing} routing): {result['overall']:.3f} "
               f"(k = {cfg.top_k})")
         if args.experts_by_timestep:
             record = dict(routing=args.inference_routing, k=cfg.top_k, **result)
-            atomic_write(Path(args.experts_by_timestep), lambda tmp: tmp.write_text(json.dumps(record)))
+            atomic_write(Path(args.experts_by_timestep),
+                         lambda tmp: tmp.write_text(json.dumps(record)))
             experts_chart(result, Path(args.experts_by_timestep).with_suffix(".png"), cfg.top_k)
-            print(f"wrote {args.experts_by_timestep} and {Path(args.experts_by_timestep).with_suffix('.png')}")
+            print(f"wrote {args.experts_by_timestep} and "
+                  f"{Path(args.experts_by_timestep).with_suffix('.png')}")
 
 
 def main(argv=None):

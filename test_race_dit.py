@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import race_dit as R
 from conftest import batch, randomize_zero_init, tiny
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configurations and parameter counts (S1, S2)
 
 def test_dit_xl2_parameter_count_is_exact():
@@ -26,7 +26,8 @@ def test_blocks_only_counts_match_paper_table4(name, experts, total, activated):
     with torch.device("meta"):
         model = R.RaceDiT(R.make_config(name, experts))
     tot, act = R.count_params(model, blocks_only=True)
-    # Table 4 rounds inconsistently (M/2 1.10658 -> 1.106, L/2 1.88849 -> 1.889): one unit in the 3rd decimal.
+    # Table 4 rounds inconsistently (M/2 1.10658 -> 1.106, L/2 1.88849 -> 1.889): one unit in the
+    # 3rd decimal.
     assert abs(tot / 1e9 - total) < 1e-3 and abs(act / 1e9 - activated) < 1e-3
 
 
@@ -38,7 +39,8 @@ def test_activated_count_is_router_plus_k_experts():
     assert tot - act == 12 * (E - k) * 2 * D * (4 * D // k)
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(experts="9in8"), "top-k"), (dict(input_size=31), "divisible"),
+@pytest.mark.parametrize("kw,msg", [(dict(experts="9in8"), "top-k"),
+                                    (dict(input_size=31), "divisible"),
                                     (dict(routing="foo"), "unknown routing"),
                                     (dict(gating="relu"), "gating")])
 def test_bad_configurations_raise_clear_errors(kw, msg):
@@ -49,18 +51,19 @@ def test_bad_configurations_raise_clear_errors(kw, msg):
         R.make_config("Q/2")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A dense configuration is the reference DiT: same state_dict names and the same function
 
 def reference_dit(sd, x, t, y, p, heads, depth):
-    """DiT's forward written directly from the DiT paper on a state_dict, independent of race_dit."""
+    """DiT's forward written directly from the DiT paper on a state_dict, independent of
+    race_dit."""
     B, D = x.shape[0], sd["pos_embed"].shape[-1]
     h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
     h = h.flatten(2).transpose(1, 2) + sd["pos_embed"]
     freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
     temb = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)
-    temb = F.linear(F.silu(F.linear(temb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
-                    sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
+    temb = F.silu(F.linear(temb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"]))
+    temb = F.linear(temb, sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
     c = F.silu(temb + sd["y_embedder.embedding_table.weight"][y])
     ln = lambda v: F.layer_norm(v, (D,), eps=1e-6)
     for i in range(depth):
@@ -70,7 +73,8 @@ def reference_dit(sd, x, t, y, p, heads, depth):
         a = ln(h) * (1 + ca) + sa
         q, k, v = F.linear(a, *w("attn.qkv")).reshape(B, -1, 3, heads, D // heads).unbind(2)
         att = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D // heads), -1)
-        h = h + ga * F.linear(torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, -1, D), *w("attn.proj"))
+        o = torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, -1, D)
+        h = h + ga * F.linear(o, *w("attn.proj"))
         m = ln(h) * (1 + cm) + sm
         h = h + gm * F.linear(F.gelu(F.linear(m, *w("mlp.fc1")), approximate="tanh"), *w("mlp.fc2"))
     shift, scale = F.linear(c, sd["final_layer.adaLN_modulation.1.weight"],
@@ -88,23 +92,28 @@ def test_dense_config_loads_reference_dit_state_dict_and_computes_the_same_funct
               "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
               "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
               "y_embedder.embedding_table.weight": (ncls + 1, D),
-              "final_layer.linear.weight": (p * p * 2 * C, D), "final_layer.linear.bias": (p * p * 2 * C,),
+              "final_layer.linear.weight": (p * p * 2 * C, D),
+              "final_layer.linear.bias": (p * p * 2 * C,),
               "final_layer.adaLN_modulation.1.weight": (2 * D, D),
               "final_layer.adaLN_modulation.1.bias": (2 * D,)}
     for i in range(2):
-        shapes.update({f"blocks.{i}.attn.qkv.weight": (3 * D, D), f"blocks.{i}.attn.qkv.bias": (3 * D,),
+        shapes.update({f"blocks.{i}.attn.qkv.weight": (3 * D, D),
+                       f"blocks.{i}.attn.qkv.bias": (3 * D,),
                        f"blocks.{i}.attn.proj.weight": (D, D), f"blocks.{i}.attn.proj.bias": (D,),
-                       f"blocks.{i}.mlp.fc1.weight": (4 * D, D), f"blocks.{i}.mlp.fc1.bias": (4 * D,),
+                       f"blocks.{i}.mlp.fc1.weight": (4 * D, D),
+                       f"blocks.{i}.mlp.fc1.bias": (4 * D,),
                        f"blocks.{i}.mlp.fc2.weight": (D, 4 * D), f"blocks.{i}.mlp.fc2.bias": (D,),
                        f"blocks.{i}.adaLN_modulation.1.weight": (6 * D, D),
                        f"blocks.{i}.adaLN_modulation.1.bias": (6 * D,)})
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(s, generator=g) * 0.2 for k, s in shapes.items()}
-    model = R.RaceDiT(R.Config(input_size=G * p, in_channels=C, patch_size=p, depth=2, hidden_size=D,
-                               num_heads=4, num_classes=ncls, learn_sigma=True, routing="dense"))
+    model = R.RaceDiT(R.Config(input_size=G * p, in_channels=C, patch_size=p, depth=2,
+                               hidden_size=D, num_heads=4, num_classes=ncls, learn_sigma=True,
+                               routing="dense"))
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
     model.load_state_dict(sd)
-    x, t, y = torch.randn(3, C, 8, 8, generator=g), torch.tensor([0, 500, 999]), torch.tensor([1, 10, 3])
+    x = torch.randn(3, C, 8, 8, generator=g)
+    t, y = torch.tensor([0, 500, 999]), torch.tensor([1, 10, 3])
     with torch.no_grad():
         want = reference_dit(sd, x, t, y, p, 4, 2)
         torch.testing.assert_close(model.eval()(x, t, y), want, atol=1e-5, rtol=1e-5)
@@ -129,7 +138,7 @@ def test_fresh_model_outputs_zeros(routing, learn_sigma):
     assert out.shape == (4, cfg.out_channels, 8, 8) and (out == 0).all()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Routing (S3): exact counts, ties, and the dispatch against a naive reference
 
 def route(routing, experts="2in8", B=4, L=16, gating="identity", training=True, seed=0):
@@ -173,9 +182,9 @@ def test_expert_choice_gives_exactly_kL_over_E_per_expert_per_image():
 
 
 def test_routing_is_decided_in_fp32_under_bf16_autocast():
-    """bf16 logits tie at the race cutoff and at the threshold; the scorer runs in fp32 under autocast,
-    the race takes exactly the K largest fp32 scores, the threshold compares fp32 scores, and the
-    selection-count matmuls of the losses stay in fp32."""
+    """bf16 logits tie at the race cutoff and at the threshold; the scorer runs in fp32 under
+    autocast, the race takes exactly the K largest fp32 scores, the threshold compares fp32 scores,
+    and the selection-count matmuls of the losses stay in fp32."""
     torch.manual_seed(0)
     layer = randomize_zero_init(R.MoE(tiny("race", "2in8")), std=0.5)
     x = torch.randn(4, 16, 32)
@@ -241,11 +250,13 @@ def test_grouped_mm_only_where_it_has_its_fast_path():
 
 
 def test_compiled_training_step_equals_eager():
-    """torch.compile traces with shape functions (aot_eager: the tracing of train.py --compile without
-    code generation); in fp32 on a CPU the experts run as the loop: grouped_mm's accepts bf16 only."""
+    """torch.compile traces with shape functions (aot_eager: the tracing of train.py --compile
+    without code generation); in fp32 on a CPU the experts run as the loop: grouped_mm's accepts
+    bf16 only."""
     cfg = tiny("race", "2in8", learn_sigma=True)
     diffusion, (x0, _, y) = R.Diffusion(), batch(cfg)
-    t, noise = torch.randint(0, 1000, (4,), generator=torch.Generator().manual_seed(1)), torch.randn_like(x0)
+    t = torch.randint(0, 1000, (4,), generator=torch.Generator().manual_seed(1))
+    noise = torch.randn_like(x0)
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
@@ -273,9 +284,10 @@ def test_grouped_gemm_path_equals_loop_path():
 
 @pytest.mark.parametrize("routing", ["race", "token", "expert"])
 def test_a_training_step_reads_no_tensor_back_to_the_host(routing, monkeypatch):
-    """The CPU stand-in for torch.cuda.set_sync_debug_mode("error") (gpu_check.py runs that on a GPU):
-    forward and backward of a training step, with and without recomputation, never read a tensor's value
-    into Python; the loop over experts does (its group sizes), which is why the GPU chooser avoids it."""
+    """The CPU stand-in for torch.cuda.set_sync_debug_mode("error") (gpu_check.py runs that on a
+    GPU): forward and backward of a training step, with and without recomputation, never read a
+    tensor's value into Python; the loop over experts does (its group sizes), which is why the GPU
+    chooser avoids it."""
     cfg = tiny(routing, "2in8", learn_sigma=True)
     model, diffusion, (x0, _, y) = R.RaceDiT(cfg), R.Diffusion(), batch(cfg)
     diffusion.training_losses(model, x0, y)                       # moves the schedule to the device
@@ -294,7 +306,7 @@ def test_a_training_step_reads_no_tensor_back_to_the_host(routing, monkeypatch):
         diffusion.training_losses(model, x0, y)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Inference threshold (S4)
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -318,7 +330,8 @@ def test_threshold_is_ema_of_cutoff_updated_once_per_training_step(recompute):
 def test_activation_recomputation_gives_the_same_losses_and_gradients_and_saves_less():
     cfg = tiny("race", "2in8", learn_sigma=True)
     diffusion, x0, _, y = R.Diffusion(), *batch(cfg)
-    t, noise = torch.randint(0, 1000, (4,), generator=torch.Generator().manual_seed(1)), torch.randn_like(x0)
+    t = torch.randint(0, 1000, (4,), generator=torch.Generator().manual_seed(1))
+    noise = torch.randn_like(x0)
     runs = []
     for recompute in (False, True):
         torch.manual_seed(0)                                            # weights and label dropout
@@ -372,7 +385,8 @@ def mean_experts_per_token(model, diffusion, x0, y, seed):
     t = torch.randint(0, 1000, (len(x0),), generator=g)
     model.eval()
     with torch.no_grad():
-        _, aux = model(diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g)), t, y, return_aux=True)
+        xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        _, aux = model(xt, t, y, return_aux=True)
     return R.routing_stats(aux)["experts_per_token"]
 
 
@@ -391,7 +405,7 @@ def test_threshold_activates_about_k_experts_and_calibration_restores_a_perturbe
     assert not other.training and other.moe_layers()[0].use_threshold     # mode restored
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Auxiliary losses (S5, S6) and statistics
 
 def test_rsl_is_one_for_uniform_routing_and_higher_for_collapsed_pairs():
@@ -440,9 +454,11 @@ def test_loss_weights_zero_turn_terms_off():
     model = R.RaceDiT(cfg)
     x, t, y = batch(cfg)
     noise = torch.randn_like(x)
-    losses, _ = R.Diffusion().training_losses(model, x, y, plr_weight=0, rsl_weight=0, t=t, noise=noise)
+    losses, _ = R.Diffusion().training_losses(model, x, y, plr_weight=0, rsl_weight=0,
+                                              t=t, noise=noise)
     assert losses["loss"] == losses["mse"] and losses["plr"] > 0 and losses["rsl"] > 0
-    full, _ = R.Diffusion().training_losses(model, x, y, plr_weight=0.1, rsl_weight=0.01, t=t, noise=noise)
+    full, _ = R.Diffusion().training_losses(model, x, y, plr_weight=0.1, rsl_weight=0.01,
+                                            t=t, noise=noise)
     torch.testing.assert_close(full["loss"], full["mse"] + 0.1 * full["plr"] + 0.01 * full["rsl"])
 
 
@@ -458,7 +474,7 @@ def test_routing_stats_on_a_known_mask():
     assert s["experts_per_token_by_t"] == {"900-999": pytest.approx(7 / 4)}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Diffusion (S7)
 
 def test_guidance_scale_one_equals_conditional_prediction():
@@ -479,9 +495,12 @@ def test_samplers_are_deterministic_and_batch_independent(method):
     d = R.Diffusion()
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
     y = torch.tensor([0, 1, 2])
-    a = d.sample(model, y, (3, 8, 8), steps=5, method=method, cfg_scale=2.0, generators=gens([1, 2, 3]))
-    b = d.sample(model, y, (3, 8, 8), steps=5, method=method, cfg_scale=2.0, generators=gens([1, 2, 3]))
-    c = d.sample(model, y[1:2], (3, 8, 8), steps=5, method=method, cfg_scale=2.0, generators=gens([2]))
+    a = d.sample(model, y, (3, 8, 8), steps=5, method=method, cfg_scale=2.0,
+                 generators=gens([1, 2, 3]))
+    b = d.sample(model, y, (3, 8, 8), steps=5, method=method, cfg_scale=2.0,
+                 generators=gens([1, 2, 3]))
+    c = d.sample(model, y[1:2], (3, 8, 8), steps=5, method=method, cfg_scale=2.0,
+                 generators=gens([2]))
     assert torch.equal(a, b) and a.isfinite().all()
     torch.testing.assert_close(c, a[1:2], rtol=1e-4, atol=1e-5)
 
@@ -514,7 +533,8 @@ DIT_TIMESTEPS = {
     1: [0], 2: [0, 999], 3: [0, 500, 999], 4: [0, 333, 666, 999], 5: [0, 250, 500, 749, 999],
     7: [0, 166, 333, 500, 666, 832, 999], 9: [0, 125, 250, 375, 500, 624, 749, 874, 999],
     10: [0, 111, 222, 333, 444, 555, 666, 777, 888, 999],
-    19: [0, 56, 111, 166, 222, 278, 333, 388, 444, 500, 555, 610, 666, 722, 777, 832, 888, 944, 999],
+    19: [0, 56, 111, 166, 222, 278, 333, 388, 444, 500, 555, 610, 666, 722, 777, 832, 888, 944,
+         999],
     25: [0, 42, 83, 125, 166, 208, 250, 291, 333, 375, 416, 458, 500, 541, 583, 624, 666, 708, 749,
          791, 832, 874, 916, 957, 999]}
 
@@ -523,7 +543,7 @@ def test_respacing_equals_dits_timesteps_and_keeps_every_count():
     d = R.Diffusion()
     for steps, want in DIT_TIMESTEPS.items():
         assert list(d.respaced(steps)[0]) == want, steps
-    for steps in range(2, 1001):                                          # every count: n distinct steps
+    for steps in range(2, 1001):                                     # every count: n distinct steps
         ts = d.respaced(steps)[0]
         assert len(ts) == steps and ts[0] == 0 and ts[-1] == 999 and (np.diff(ts) > 0).all(), steps
     ts, sched = d.respaced(1000)
@@ -544,8 +564,9 @@ def test_q_sample_takes_square_roots_in_float64_as_dit():
 
 
 def reference_vb(out, x0, xt, t, betas):
-    """IDDPM's variational-bound term, written from the paper's formulas in float64: KL between Gaussians
-    for t > 0 and the discretized-Gaussian decoder NLL at t = 0, in bits per dimension, mean over batch."""
+    """IDDPM's variational-bound term, written from the paper's formulas in float64: KL between
+    Gaussians for t > 0 and the discretized-Gaussian decoder NLL at t = 0, in bits per dimension,
+    mean over batch."""
     C = x0.shape[1]
     alphas = 1 - betas
     ab = torch.cumprod(alphas, 0)
@@ -612,7 +633,8 @@ def test_tiny_race_dit_overfits_a_handful_of_images():
     d = R.Diffusion()
     x0, _, y = batch(cfg, 8)
     g = torch.Generator().manual_seed(3)
-    t, noise = torch.randint(0, 1000, (64,), generator=g), torch.randn(64, *x0.shape[1:], generator=g)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    noise = torch.randn(64, *x0.shape[1:], generator=g)
 
     def held_loss(model):
         model.eval()

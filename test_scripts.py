@@ -1,9 +1,9 @@
-"""End-to-end tests of the scripts (train.py, sample.py, evaluate.py, extract_latents.py, benchmarks) and
-of the data and file helpers they share, on tiny inputs the tests create. CPU only, no network."""
+"""End-to-end tests of the scripts (train.py, sample.py, evaluate.py, extract_latents.py,
+benchmarks) and of the data and file helpers they share, on tiny inputs the tests create. CPU only,
+no network."""
 import argparse
 import contextlib
 import copy
-import errno
 import gzip
 import hashlib
 import json
@@ -51,7 +51,7 @@ def expect_error(capsys, main, argv, message, code=2):
     assert e.value.code == code and message in err and err.count("\n") == 1, err
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # train.py
 
 def test_train_end_to_end_writes_checkpoint_metrics_grid_and_loss_chart(tmp_path, capsys):
@@ -69,9 +69,11 @@ def test_train_end_to_end_writes_checkpoint_metrics_grid_and_loss_chart(tmp_path
 
 
 def step_parts(argv, data_dir=None):
-    """What train() builds for one process: flags, data, model, EMA copy, AdamW, the batch iterator."""
+    """What train() builds for one process: flags, data, model, EMA copy, AdamW, the batch
+    iterator."""
     args = train.parse_args([*FAST, *argv])
-    ds = data.load_data(args.data, data_dir or args.data_dir, args.image_size, "train", args.num_classes)
+    ds = data.load_data(args.data, data_dir or args.data_dir, args.image_size, "train",
+                        args.num_classes)
     torch.manual_seed(0)
     model = R.RaceDiT(train.model_config(args, ds))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -103,23 +105,25 @@ def write_latents(folder, n=16, size=8, seed=0):
 
 
 def test_a_whole_training_step_reads_no_tensor_back_to_the_host(tmp_path, monkeypatch):
-    """The CPU stand-in for gpu_check.py's set_sync_debug_mode("error") over train.py's step: latent data
-    to the device, two micro-batches, AdamW, the thresholds averaged over a (one-process) group, the
-    EMA; with and without recomputation. AdamW's step counts are the one exception: on CUDA too they
-    live on the host, so reading them is no synchronisation."""
+    """The CPU stand-in for gpu_check.py's set_sync_debug_mode("error") over train.py's step: latent
+    data to the device, two micro-batches, AdamW, the thresholds averaged over a (one-process)
+    group, the EMA; with and without recomputation. AdamW's step counts are the one exception: on
+    CUDA too they live on the host, so reading them is no synchronisation."""
     argv = ["--data", "latents", "--num-classes", "10", "--batch-size", "4", "--grad-accum", "2"]
     args, ds, model, ema, opt, loader = step_parts(argv, write_latents(tmp_path / "lat"))
     diffusion, cpu, fp32 = R.Diffusion(), torch.device("cpu"), contextlib.nullcontext
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
     try:
         step = lambda i, raw: train.train_step(model, model, ema, opt, diffusion,
-                                               train.device_batches(raw, ds, cpu, 1000), i, args, fp32)
+                                               train.device_batches(raw, ds, cpu, 1000),
+                                               i, args, fp32)
         step(0, [next(loader), next(loader)])                           # the optimizer's lazy state
         host_side = {id(state["step"]) for state in opt.state.values()}
         raws = [[next(loader), next(loader)] for _ in range(2)]     # the loader's index lists: host
-        for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__",
-                     "__index__"):
-            def host_read(self, *a, original=getattr(torch.Tensor, name), **k):
+        for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__",
+                     "__float__", "__index__"):
+            def host_read(self, *a, original=getattr(torch.Tensor, name), **k):  # noqa: B008
                 assert id(self) in host_side, "a tensor was read on the host"
                 return original(self, *a, **k)
             monkeypatch.setattr(torch.Tensor, name, host_read)
@@ -133,8 +137,8 @@ def test_a_whole_training_step_reads_no_tensor_back_to_the_host(tmp_path, monkey
 
 
 class NoHostTensors(TorchFunctionMode):
-    """Fails any call that mixes a host tensor (not a scalar) with a meta one: meta stands in for a GPU,
-    where such a call copies from pageable host memory and synchronises."""
+    """Fails any call that mixes a host tensor (not a scalar) with a meta one: meta stands in for a
+    GPU, where such a call copies from pageable host memory and synchronises."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         def tensors(v):
@@ -153,7 +157,8 @@ def test_the_data_path_makes_every_tensor_on_the_batchs_device(latent):
     ds = argparse.Namespace(latent=latent)
     x = torch.zeros((4, 2, 8, 4, 4) if latent else (4, 3, 4, 4), device="meta")
     with NoHostTensors():
-        [(x0, y, t, noise)] = train.device_batches([(x, torch.arange(4))], ds, torch.device("meta"), 1000)
+        [(x0, y, t, noise)] = train.device_batches([(x, torch.arange(4))], ds,
+                                                   torch.device("meta"), 1000)
     assert all(v.device.type == "meta" for v in (x0, y, t, noise))
     assert x0.shape == (4, 4 if latent else 3, 4, 4)
 
@@ -211,15 +216,19 @@ def test_resume_continues_exactly(tmp_path):
 def test_a_restart_without_checkpoint_drops_the_killed_runs_records(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=2, loss=5.0)) + "\n")
     run_train(tmp_path, "--sample-every", "0")
-    assert [r["loss"] != 5.0 for r in map(json.loads, open(tmp_path / "metrics.jsonl"))] == [True, True]
+    records = map(json.loads, open(tmp_path / "metrics.jsonl"))
+    assert [r["loss"] != 5.0 for r in records] == [True, True]
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--sample-steps", "0"], "--sample-steps must be in 1..1000"),
     (["--sample-steps", "5000"], "--sample-steps must be in 1..1000"),
-    (["--lr", "-1"], "--lr must be a positive number"), (["--lr", "nan"], "--lr must be a positive number"),
-    (["--cfg-scale", "nan"], "--cfg-scale must be a number"), (["--threshold-decay", "2"], "[0, 1)"),
-    (["--workers", "-1"], "--workers must be zero or positive"), (["--model", "XS/0"], "patch size must be"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a number"),
+    (["--threshold-decay", "2"], "[0, 1)"),
+    (["--workers", "-1"], "--workers must be zero or positive"),
+    (["--model", "XS/0"], "patch size must be"),
     (["--seed", "1e20"], "invalid int value"), (["--seed", "-1"], "--seed must be in"),
     (["--experts", "9in8"], "top-k must be between 1 and the number of experts"),
     (["--model", "Q/2"], "unknown model"), (["--data", "nowhere"], "neither one of"),
@@ -242,9 +251,11 @@ def test_bad_inputs_and_divergence_keep_the_checkpoint(tmp_path, capsys):
     base = [*FAST, "--out", str(tmp_path), "--resume", "--steps", "8"]
     no_latents = ["--data", "latents", "--data-dir", str(tmp_path / "no")]
     expect_error(capsys, train.main, base + no_latents, "no moments.npy")
-    expect_error(capsys, train.main, base + ["--experts", "1in8"], "is from another configuration: top_k=2")
+    expect_error(capsys, train.main, base + ["--experts", "1in8"],
+                 "is from another configuration: top_k=2")
     expect_error(capsys, train.main, [*FAST, "--out", str(tmp_path)], "exists; pass --resume")
-    # A diverging run: the weights blow up after a step whose loss was finite; nothing non-finite is saved.
+    # A diverging run: the weights blow up after a step whose loss was finite; nothing non-finite is
+    # saved.
     expect_error(capsys, train.main, base + ["--lr", "1e6", "--save-every", "1", "--warmup", "0"],
                  "nothing saved (last checkpoint: step 4, intact)", code=3)
     assert digest(tmp_path / "ckpt.pt") == before
@@ -253,7 +264,8 @@ def test_bad_inputs_and_divergence_keep_the_checkpoint(tmp_path, capsys):
 
 def test_a_second_run_on_a_locked_folder_fails_at_once(tmp_path, capsys):
     with runs.locked(tmp_path):                                        # a live run holds the folder
-        expect_error(capsys, train.main, [*FAST, "--out", str(tmp_path)], "in use by another running process")
+        expect_error(capsys, train.main, [*FAST, "--out", str(tmp_path)],
+                     "in use by another running process")
     run_train(tmp_path, "--sample-every", "0")                      # it ended (or was killed): free
     assert (tmp_path / "ckpt.pt").exists()
 
@@ -276,8 +288,8 @@ def test_three_images_and_batch_size_one_train_and_save(tmp_path):
     for i in range(3):
         (tmp_path / "imgs" / "cat").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (16, 16), (200, 20 * i, 0)).save(tmp_path / "imgs" / "cat" / f"{i}.png")
-    run_train(tmp_path / "run", "--data", str(tmp_path / "imgs"), "--batch-size", "1", "--save-every", "2",
-              "--sample-every", "0")
+    run_train(tmp_path / "run", "--data", str(tmp_path / "imgs"), "--batch-size", "1",
+              "--save-every", "2", "--sample-every", "0")
     assert runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 4
 
 
@@ -301,9 +313,10 @@ def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path, extra):
     script = tmp_path / "record_thresholds.py"
     script.write_text(RECORD_THRESHOLDS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), *FAST, "--steps", "4", "--sample-every", "0", "--out", str(tmp_path / "run"),
-           *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "THRESHOLDS": str(tmp_path), "PYTHONPATH": str(ROOT)}
+           str(script), *FAST, "--steps", "4", "--sample-every", "0",
+           "--out", str(tmp_path / "run"), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "THRESHOLDS": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "1/4" not in res.stdout and res.stdout.count("step 4/4") == 1  # rank 0 alone prints
@@ -313,7 +326,7 @@ def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path, extra):
     assert len(runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["rng"]) == 2
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data sources: formats, validation, no code execution
 
 def write_cifar(root, batches):
@@ -351,7 +364,8 @@ def test_a_crafted_cifar_file_cannot_run_code(tmp_path, capsys):
     batches = {f"data_batch_{i}": {b"data": Exploit(), b"labels": [0]} for i in range(1, 6)}
     write_cifar(tmp_path, batches)
     expect_error(capsys, train.main, [*FAST, "--data", "cifar10", "--data-dir", str(tmp_path),
-                                      "--out", str(tmp_path / "run")], "refusing to load posix.system")
+                                      "--out", str(tmp_path / "run")],
+                 "refusing to load posix.system")
     assert not Exploit.marker.exists()
 
 
@@ -359,7 +373,8 @@ def write_idx(root, split, images, labels):
     with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
         f.write(np.array([2051, len(images), 28, 28], ">i4").tobytes() + images.tobytes())
     with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(np.array([2049, len(labels)], ">i4").tobytes() + np.asarray(labels, np.uint8).tobytes())
+        f.write(np.array([2049, len(labels)], ">i4").tobytes()
+                + np.asarray(labels, np.uint8).tobytes())
 
 
 def test_fashion_mnist_reads_idx_gz_files_and_refuses_broken_ones(tmp_path, capsys):
@@ -370,7 +385,8 @@ def test_fashion_mnist_reads_idx_gz_files_and_refuses_broken_ones(tmp_path, caps
     gz = tmp_path / "train-images-idx3-ubyte.gz"
     gz.write_bytes(gz.read_bytes()[:40])                                 # truncated download
     expect_error(capsys, train.main, [*FAST, "--data", "fashion-mnist", "--data-dir", str(tmp_path),
-                                      "--out", str(tmp_path / "run")], "could not read fashion-mnist")
+                                      "--out", str(tmp_path / "run")],
+                 "could not read fashion-mnist")
     write_idx(tmp_path, "train", imgs, [7, 0, 12])                        # a label out of range
     with pytest.raises(runs.UserError, match=r"labels must be in 0..9, found 0..12"):
         data.load_fashion_mnist(tmp_path)
@@ -390,20 +406,23 @@ def test_image_folder_center_crops_and_trains(tmp_path):
     assert len(ds) == 8 and ds[0][0].shape == (3, 16, 16) and ds[7][1] == 1 and ds.num_classes == 2
     assert ds[0][0][0].float().mean() == pytest.approx(200, abs=1)              # red cats
     assert ds[7][0][2].float().mean() == pytest.approx(200, abs=1)              # blue dogs
-    run_train(tmp_path / "run", "--data", str(tmp_path / "imgs"), "--image-size", "16", "--sample-every", "0")
+    run_train(tmp_path / "run", "--data", str(tmp_path / "imgs"), "--image-size", "16",
+              "--sample-every", "0")
     assert runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]["num_classes"] == 2
 
 
 def test_image_folder_reports_a_truncated_image_and_reads_16_bit(tmp_path, capsys):
     make_folder_dataset(tmp_path / "imgs")
-    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(tmp_path / "imgs" / "dog" / "deep.png")
+    grey16 = Image.fromarray(np.full((20, 20), 40000, np.uint16))
+    grey16.save(tmp_path / "imgs" / "dog" / "deep.png")
     ds = data.FolderDataset(tmp_path / "imgs", 16)
     assert ds[ds.items.index((tmp_path / "imgs" / "dog" / "deep.png", 1))][0].float().mean() == \
         pytest.approx(40000 / 257, abs=1)                               # grey, not clipped to white
     bad = tmp_path / "imgs" / "cat" / "1.png"
     bad.write_bytes(bad.read_bytes()[:60])
     expect_error(capsys, train.main, [*FAST, "--data", str(tmp_path / "imgs"), "--image-size", "16",
-                                      "--out", str(tmp_path / "run")], "1.png is not a readable image")
+                                      "--out", str(tmp_path / "run")],
+                 "1.png is not a readable image")
 
 
 def stand_in_vae(x):  # 8x downsampling, 4 channels, fixed small variance
@@ -413,30 +432,35 @@ def stand_in_vae(x):  # 8x downsampling, 4 channels, fixed small variance
 
 def test_latent_format_round_trips(tmp_path):
     make_folder_dataset(tmp_path / "imgs")
-    extract_latents.extract_latents(tmp_path / "imgs", tmp_path / "lat", 16, stand_in_vae, "cpu", 4, 0)
+    extract_latents.extract_latents(tmp_path / "imgs", tmp_path / "lat", 16, stand_in_vae, "cpu",
+                                    4, 0)
     ds = data.load_latents(tmp_path / "lat", 1000)
     assert len(ds) == 6 and ds[0][0].shape == (2, 8, 2, 2) and list(ds.y) == [0, 0, 0, 1, 1, 1]
     x = torch.stack([ds[i][0] for i in range(6)])
-    img = torch.stack([data.FolderDataset(tmp_path / "imgs", 16)[i][0] for i in range(6)]).float() / 127.5 - 1
+    img = torch.stack([data.FolderDataset(tmp_path / "imgs", 16)[i][0]
+                       for i in range(6)]).float() / 127.5 - 1
     mean, _ = stand_in_vae(img)
     torch.testing.assert_close(x[:, 0, :4].float(), mean, atol=2e-3, rtol=2e-3)  # stored as float16
-    torch.testing.assert_close(x[:, 1, :4].float(), stand_in_vae(img.flip(-1))[0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(x[:, 1, :4].float(), stand_in_vae(img.flip(-1))[0],
+                               atol=2e-3, rtol=2e-3)
     z = data.to_model_input(x, ds)                               # posterior sample of image or flip
     near = lambda f: (z - x[:, f, :4].float() * data.LATENT_SCALE).abs().amax((1, 2, 3)) < 1e-4
     assert z.shape == (6, 4, 2, 2) and (near(0) | near(1)).all()
-    run_train(tmp_path / "run", "--data", "latents", "--data-dir", str(tmp_path / "lat"), "--model", "XS/1",
-              "--sample-every", "0", "--batch-size", "4", "--num-classes", "10")
+    run_train(tmp_path / "run", "--data", "latents", "--data-dir", str(tmp_path / "lat"),
+              "--model", "XS/1", "--sample-every", "0", "--batch-size", "4", "--num-classes", "10")
     config = runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]
     # the flag, not the largest label
     assert config["in_channels"] == 4 and config["num_classes"] == 10
 
 
-@pytest.mark.parametrize("labels,message", [(np.array([0, 1, 2, 99999, 4, 5]), "labels must be in 0..999"),
-                                            (np.arange(5), "5 labels for 6 examples"),
-                                            (np.arange(6.0), "labels must be integers")])
+@pytest.mark.parametrize("labels,message", [
+    (np.array([0, 1, 2, 99999, 4, 5]), "labels must be in 0..999"),
+    (np.arange(5), "5 labels for 6 examples"),
+    (np.arange(6.0), "labels must be integers")])
 def test_latent_labels_are_checked_against_the_class_count(tmp_path, labels, message):
     make_folder_dataset(tmp_path / "imgs")
-    extract_latents.extract_latents(tmp_path / "imgs", tmp_path / "lat", 16, stand_in_vae, "cpu", 4, 0)
+    extract_latents.extract_latents(tmp_path / "imgs", tmp_path / "lat", 16, stand_in_vae, "cpu",
+                                    4, 0)
     np.save(tmp_path / "lat" / "labels.npy", labels)
     with pytest.raises(runs.UserError, match=message):
         data.load_latents(tmp_path / "lat", 1000)
@@ -449,7 +473,7 @@ def test_shapes_are_deterministic_and_class_coloured():
     assert red[0] > 150 > red[1] and red[2] < 150
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # sample.py
 
 @pytest.fixture(scope="module")
@@ -469,7 +493,8 @@ def test_same_seed_same_images_for_batch_size_1_and_8(ckpt, tmp_path):
     a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"]
     assert a.shape == (8, 16, 16, 3) and a.dtype == np.uint8                 # ADM layout
     assert np.abs(a.astype(int) - b).max() <= 1                    # float noise may flip a rounding
-    run_sample(ckpt, "--batch-size", "8", "--seed", "1", "--npz", str(tmp_path / "c.npz"), "--out", "")
+    run_sample(ckpt, "--batch-size", "8", "--seed", "1", "--npz", str(tmp_path / "c.npz"),
+               "--out", "")
     assert not np.array_equal(np.load(tmp_path / "c.npz")["arr_0"], a)
 
 
@@ -508,35 +533,41 @@ def test_interrupted_npz_generation_resumes_to_the_same_file(ckpt, tmp_path, mon
     assert on_disk == ["00000000.npy", "00000002.npy", "meta.json"]
     run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "res.npz"), "--out", "")
     assert len(calls) == 2 and not (tmp_path / "res.npz.parts").exists()  # only the missing batches
-    assert np.array_equal(np.load(tmp_path / "res.npz")["arr_0"], np.load(tmp_path / "full.npz")["arr_0"])
+    assert np.array_equal(np.load(tmp_path / "res.npz")["arr_0"],
+                          np.load(tmp_path / "full.npz")["arr_0"])
 
 
-def test_npz_resume_refuses_other_weights_at_the_same_path_or_labels(ckpt, tmp_path, monkeypatch, capsys):
+def test_npz_resume_refuses_other_weights_at_the_same_path_or_labels(
+        ckpt, tmp_path, monkeypatch, capsys):
     copy = tmp_path / "ckpt.pt"
     copy.write_bytes(Path(ckpt).read_bytes())
     interrupt_after_two_batches(monkeypatch, str(copy), tmp_path / "s.npz", "--labels", "1,2")
     argv = ["--ckpt", str(copy), "--steps", "4", "--cfg-scale", "2", "--num-samples", "8",
             "--batch-size", "2", "--npz", str(tmp_path / "s.npz"), "--out", ""]
-    expect_error(capsys, sample.main, argv + ["--labels", "1,3"], "interrupted run of another model, labels")
+    expect_error(capsys, sample.main, argv + ["--labels", "1,3"],
+                 "interrupted run of another model, labels")
     state = torch.load(copy, weights_only=True)
     state["ema"]["final_layer.linear.bias"] += 1                          # another model, same path
     torch.save(state, copy)
-    expect_error(capsys, sample.main, argv + ["--labels", "1,2"], "interrupted run of another model, labels")
+    expect_error(capsys, sample.main, argv + ["--labels", "1,2"],
+                 "interrupted run of another model, labels")
 
 
 def test_experts_by_timestep_json_and_chart(ckpt, tmp_path, capsys):
-    run_sample(ckpt, "--experts-by-timestep", str(tmp_path / "r.json"), "--out", str(tmp_path / "g.png"),
-               "--labels", "0,9")
+    run_sample(ckpt, "--experts-by-timestep", str(tmp_path / "r.json"),
+               "--out", str(tmp_path / "g.png"), "--labels", "0,9")
     stats = json.loads((tmp_path / "r.json").read_text())
     assert stats["timesteps"] == [999, 666, 333, 0] and len(stats["per_layer"]) == 6
     assert all(v > 0 for v in stats["mean"]) and all(len(v) == 4 for v in stats["per_layer"])
     assert Image.open(tmp_path / "r.png").size == (720, 420)
     assert Image.open(tmp_path / "g.png").size == (8 * 50 + 2, 50 + 2)
-    assert f"mean experts per token (threshold routing): {stats['overall']:.3f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"mean experts per token (threshold routing): {stats['overall']:.3f}" in out
 
 
 def test_topk_routing_uses_exactly_k_experts_per_token(ckpt, tmp_path):
-    run_sample(ckpt, "--inference-routing", "topk", "--experts-by-timestep", str(tmp_path / "r.json"), "--out", "")
+    run_sample(ckpt, "--inference-routing", "topk",
+               "--experts-by-timestep", str(tmp_path / "r.json"), "--out", "")
     assert json.loads((tmp_path / "r.json").read_text())["mean"] == [pytest.approx(2.0)] * 4
 
 
@@ -555,54 +586,65 @@ def test_a_checkpoint_with_missing_keys_is_refused_in_one_line(tmp_path, capsys,
     state = torch.load(ckpt, weights_only=True)
     del state["ema"], state["rng"]
     torch.save(state, tmp_path / "ckpt.pt")
-    expect_error(capsys, sample.main, ["--ckpt", str(tmp_path / "ckpt.pt")], "incomplete: it has no ema, rng")
+    expect_error(capsys, sample.main, ["--ckpt", str(tmp_path / "ckpt.pt")],
+                 "incomplete: it has no ema, rng")
     argv = [*FAST, "--out", str(tmp_path), "--resume"]
     expect_error(capsys, train.main, argv, "incomplete: it has no ema, rng")
 
 
 def test_a_flag_is_never_taken_for_a_prefix_of_another(ckpt, capsys, tmp_path):
-    """--routing was the old name of --inference-routing; it must fail, not write a file named topk."""
-    expect_error(capsys, sample.main, ["--ckpt", ckpt, "--routing", "topk"], "unrecognized arguments")
+    """--routing was the old name of --inference-routing; it must fail, not write a file named
+    topk."""
+    expect_error(capsys, sample.main, ["--ckpt", ckpt, "--routing", "topk"],
+                 "unrecognized arguments")
     argv = [*FAST, "--steps", "1", "--out", str(tmp_path), "--expert", "2in8"]
     expect_error(capsys, train.main, argv, "unrecognized arguments")
 
 
 def test_precision_fp32_is_the_cpu_default_and_bf16_samples_close_to_it(ckpt, tmp_path):
-    for name, flags in (("auto", []), ("fp32", ["--precision", "fp32"]), ("bf16", ["--precision", "bf16"])):
+    for name, flags in (("auto", []), ("fp32", ["--precision", "fp32"]),
+                        ("bf16", ["--precision", "bf16"])):
         run_sample(ckpt, "--npz", str(tmp_path / f"{name}.npz"), "--out", "", *flags)
-    auto, fp32, bf16 = (np.load(tmp_path / f"{n}.npz")["arr_0"].astype(int) for n in ("auto", "fp32", "bf16"))
+    auto, fp32, bf16 = (np.load(tmp_path / f"{n}.npz")["arr_0"].astype(int)
+                        for n in ("auto", "fp32", "bf16"))
     assert np.array_equal(auto, fp32) and not np.array_equal(fp32, bf16)
     assert np.abs(fp32 - bf16).mean() < 8                                 # of 255 levels
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--labels", "3,x"], "--labels must be comma-separated classes"), (["--labels", "10"], "in 0..9"),
+    (["--labels", "3,x"], "--labels must be comma-separated classes"),
+    (["--labels", "10"], "in 0..9"),
     (["--labels", "²"], "--labels must be"), (["--steps", "0"], "--steps"),
-    (["--num-samples", "0"], "--num-samples must be positive"), (["--cfg-scale", "nan"], "--cfg-scale"),
-    (["--out", "/nonexistent/dir/g.png"], "does not exist"), (["--npz", "/proc/s.npz"], "not writable")])
+    (["--num-samples", "0"], "--num-samples must be positive"),
+    (["--cfg-scale", "nan"], "--cfg-scale"),
+    (["--out", "/nonexistent/dir/g.png"], "does not exist"),
+    (["--npz", "/proc/s.npz"], "not writable")])
 def test_sample_rejects_bad_flags_before_sampling(ckpt, capsys, flags, message):
     expect_error(capsys, sample.main, ["--ckpt", ckpt, "--out", "", *flags], message)
 
 
 def test_a_reference_dit_state_dict_samples(ckpt, tmp_path, capsys):
-    """A bare DiT state_dict (as DiT-XL-2-256x256.pt) with --model: learned sigma, 4 latent channels."""
+    """A bare DiT state_dict (as DiT-XL-2-256x256.pt) with --model: learned sigma, 4 latent
+    channels."""
     import race_dit as R
-    model = R.RaceDiT(R.make_config("XS/2", input_size=8, in_channels=4, num_classes=7, learn_sigma=True))
+    model = R.RaceDiT(R.make_config("XS/2", input_size=8, in_channels=4, num_classes=7,
+                                    learn_sigma=True))
     torch.save(model.state_dict(), tmp_path / "dit.pt")
-    sample.main(["--ckpt", str(tmp_path / "dit.pt"), "--model", "XS/2", "--steps", "3", "--labels", "0,6",
-                 "--out", str(tmp_path / "g.png")])
+    sample.main(["--ckpt", str(tmp_path / "dit.pt"), "--model", "XS/2", "--steps", "3",
+                 "--labels", "0,6", "--out", str(tmp_path / "g.png")])
     assert np.load(tmp_path / "g.latents.npy").shape == (2, 4, 8, 8)
     expect_error(capsys, sample.main, ["--ckpt", str(tmp_path / "dit.pt")], "pass its size")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # evaluate.py
 
 def test_frechet_distance_of_known_gaussians():
     d, mu = 5, np.arange(5.0)
     assert evaluate.frechet_distance(mu, np.eye(d), mu, np.eye(d)) == pytest.approx(0, abs=1e-9)
     # N(mu, I) vs N(0, 4I): |mu|^2 + tr(I + 4I - 2 * 2I) = |mu|^2 + d
-    assert evaluate.frechet_distance(mu, np.eye(d), 0 * mu, 4 * np.eye(d)) == pytest.approx(mu @ mu + d)
+    fd = evaluate.frechet_distance(mu, np.eye(d), 0 * mu, 4 * np.eye(d))
+    assert fd == pytest.approx(mu @ mu + d)
 
 
 def separable(n, seed):
@@ -629,12 +671,13 @@ def test_evaluator_scores_held_out_real_images_as_perfect(tmp_path):
 def test_evaluate_command_writes_json(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "Evaluator", lambda *a, **k: type("E", (), dict(
         score=lambda self, images, labels: dict(accuracy=0.5, fd=1.0, n=len(labels))))())
-    evaluate.main(["--ckpt", ckpt, "--per-class", "1", "--steps", "2", "--json", str(tmp_path / "e.json")])
+    evaluate.main(["--ckpt", ckpt, "--per-class", "1", "--steps", "2",
+                   "--json", str(tmp_path / "e.json")])
     scores = json.loads((tmp_path / "e.json").read_text())
     assert scores["n"] == 10 and scores["step"] == 6 and scores["steps"] == 2
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # benchmarks
 
 def test_bench_script_reports_ratios_and_writes_only_where_asked(tmp_path, capsys, monkeypatch):
@@ -653,8 +696,8 @@ def test_bench_script_reports_ratios_and_writes_only_where_asked(tmp_path, capsy
 def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypatch):
     from benchmarks import reproduce
     methods = "race identity,race identity +threshold,deep race -PLR"
-    argv = ["--quick", "--data-dir", str(tmp_path), "--methods", methods, "--out", str(tmp_path / "res"),
-            "--runs", str(tmp_path / "runs")]
+    argv = ["--quick", "--data-dir", str(tmp_path), "--methods", methods,
+            "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs")]
     reproduce.main(argv)
     out = capsys.readouterr().out
     assert "Table 3: threshold beats batch top-K at inference: accuracy" in out and "wrote" in out
@@ -675,7 +718,8 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypat
 @pytest.mark.parametrize("script, argv, msg", [
     ("bench", ["--models", "S/2"], "expected SIZE/PATCH:ROUTING"),
     ("bench", ["--models", "S/2:dense,XX/2:race"], "unknown model 'XX/2'"),
-    ("bench", ["--memory", "--models", "S/2:race:9in8"], "top-k must be between 1 and the number of experts"),
+    ("bench", ["--memory", "--models", "S/2:race:9in8"],
+     "top-k must be between 1 and the number of experts"),
     ("bench", ["--rounds", "0"], "must be positive"),
     ("reproduce", ["--methods", "dense,nonsense"], "unknown --methods 'nonsense'"),
     ("reproduce", ["--seeds", "1"], "--seeds at least 2")])
@@ -696,16 +740,19 @@ def test_bench_memory_estimate_equals_a_direct_measurement_of_the_full_model():
     model = bench.build("XS/8:race:2in8", args, cpu, learn_sigma=True)     # depth 6
     params = sum(p.numel() for p in model.parameters())
     assert row["params"] == params
-    assert row["batch_gib"] * 2**30 == pytest.approx(20 * params + bench.saved_bytes(model, args, 4, cpu))
+    want = 20 * params + bench.saved_bytes(model, args, 4, cpu)
+    assert row["batch_gib"] * 2**30 == pytest.approx(want)
     model.recompute = True
-    per_image = (bench.saved_bytes(model, args, 3, cpu) - bench.saved_bytes(model, args, 1, cpu)) / 2
+    per_image = (bench.saved_bytes(model, args, 3, cpu)
+                 - bench.saved_bytes(model, args, 1, cpu)) / 2
     assert row["mib_per_image_recompute"] * 2**20 == pytest.approx(per_image)
     assert row["mib_per_image_recompute"] < row["mib_per_image"] / 3
 
 
-GPU_CHECK_STAGES = {"device", "torch", "seconds", "grouped_vs_loop", "grouped_mm_chosen", "sync_free_step",
-                    "loss_first_last", "loss_falls", "bench", "largest_xl2_4in32_batch",
-                    "largest_xl2_4in32_batch_recompute", "memory_estimate"}
+GPU_CHECK_STAGES = {"device", "torch", "seconds", "grouped_vs_loop", "grouped_mm_chosen",
+                    "sync_free_step", "loss_first_last", "loss_falls", "bench",
+                    "largest_xl2_4in32_batch", "largest_xl2_4in32_batch_recompute",
+                    "memory_estimate"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
@@ -731,7 +778,8 @@ def test_gpu_check_largest_batch_stops_at_either_form_of_out_of_memory(tmp_path,
     from benchmarks import gpu_check
     cpu = torch.device("cpu")
     errors = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-              RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")]
+              RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                           "`cublasCreate(handle)`")]
     for error in [*errors, RuntimeError("mat1 and mat2 shapes cannot be multiplied")]:
         def step(self, sync_check=False, error=error):
             if self.args.batch_size >= 32:
@@ -745,7 +793,8 @@ def test_gpu_check_largest_batch_stops_at_either_form_of_out_of_memory(tmp_path,
 
 
 def test_the_torch_floor_is_the_first_release_with_every_api_the_code_calls():
-    """F.grouped_mm is public from torch 2.10 (torch._grouped_mm before): the floor says so everywhere."""
+    """F.grouped_mm is public from torch 2.10 (torch._grouped_mm before): the floor says so
+    everywhere."""
     floors = [re.search(r"torch>=([0-9.]+)", (ROOT / f).read_text()).group(1)
               for f in ("requirements.txt", ".ci/run")]
     assert floors == ["2.10", "2.10"] and "torch 2.10" in (ROOT / "README.md").read_text()

@@ -3,8 +3,9 @@ Train Race-DiT (or a dense / token-choice / expert-choice baseline) on one devic
 
     python train.py                      # built-in shapes, a few minutes on a laptop CPU
     python train.py --data cifar10 --model S/2 --experts 2in8 --batch-size 128 --steps 100000
-    torchrun --nproc_per_node 8 train.py --data latents --data-dir latents --model XL/2 --experts 4in32 \\
-        --lr 1e-4 --warmup 0 --batch-size 128 --recompute --ema-decay 0.9999 --steps 1700000
+    torchrun --nproc_per_node 8 train.py --data latents --data-dir latents --model XL/2 \\
+        --experts 4in32 --lr 1e-4 --warmup 0 --batch-size 128 --recompute --ema-decay 0.9999 \\
+        --steps 1700000
 
 The defaults are a small-scale recipe for CPU runs; README.md gives the paper's (DiT's) settings.
 Read top to bottom: flags and their checks, the training step, saving / sampling / logging, and
@@ -29,15 +30,16 @@ import race_dit as R
 from data import LATENT_SCALE, BatchOrder, load_data, load_vae, to_model_input, to_uint8
 from evaluate import SUPPORTED as EVALUATED, Evaluator
 from pictures import plot_losses, save_grid
-from runs import (Diverged, Parser, UserError, keep_metrics, load_checkpoint, locked, require, run_main,
-                  save_checkpoint)
+from runs import (Diverged, Parser, UserError, keep_metrics, load_checkpoint, locked, require,
+                  run_main, save_checkpoint)
 from sample import autocast as precision_context, generate
 
 
 def parse_args(argv=None):
     p = Parser(prog="train.py", description=__doc__)
     a = p.add_argument
-    a("--data", default="shapes", help="shapes | cifar10 | fashion-mnist | latents | a class-folder path")
+    a("--data", default="shapes",
+      help="shapes | cifar10 | fashion-mnist | latents | a class-folder path")
     a("--data-dir", default="data", help="where cifar10 / fashion-mnist / latents files live")
     a("--image-size", type=int, default=16, help="for shapes and image folders")
     a("--num-classes", type=int, default=1000, help="for latents (ImageNet: 1000)")
@@ -51,14 +53,17 @@ def parse_args(argv=None):
       help="learned variance with DiT's hybrid loss; auto: on for latents, as DiT")
     a("--plr-weight", type=float, default=0.1, help="per-layer regularization (S5)")
     a("--rsl-weight", type=float, default=0.01, help="router similarity loss (S6)")
-    a("--balance-weight", type=float, default=0.0, help="switch balance loss (token-choice baseline)")
+    a("--balance-weight", type=float, default=0.0,
+      help="switch balance loss (token-choice baseline)")
     a("--threshold-decay", type=float, default=0.99, help="EMA of the race cutoff (S4)")
     a("--lr", type=float, default=1e-3, help="peak learning rate (paper: 1e-4)")
     a("--warmup", type=int, default=100, help="linear learning-rate warm-up steps (paper: 0)")
-    a("--batch-size", type=int, default=64, help="per process and micro-batch (paper: 256 or 1024 in all)")
+    a("--batch-size", type=int, default=64,
+      help="per process and micro-batch (paper: 256 or 1024 in all)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--recompute", action="store_true",
-      help="activation recomputation: backward recomputes each block (~1/3 more compute, far less memory)")
+      help="activation recomputation: backward recomputes each block "
+           "(~1/3 more compute, far less memory)")
     a("--steps", type=int, default=1600)
     a("--ema-decay", type=float, default=0.999, help="weight EMA (paper: 0.9999)")
     a("--seed", type=int, default=0)
@@ -70,7 +75,8 @@ def parse_args(argv=None):
     a("--workers", type=int, default=0, help="data loader workers (image folders, latents)")
     a("--log-every", type=int, default=50)
     a("--save-every", type=int, default=400)
-    a("--sample-every", type=int, default=800, help="sample grid (and evaluation) every N steps; 0: none")
+    a("--sample-every", type=int, default=800,
+      help="sample grid (and evaluation) every N steps; 0: none")
     a("--sample-steps", type=int, default=50, help="sampling steps for grids")
     a("--grid-per-class", type=int, default=20, help="samples per class row of the grid")
     a("--cfg-scale", type=float, default=2.0)
@@ -115,7 +121,8 @@ def model_config(args, ds):
 
 
 def check_resume(ckpt, cfg, args, world):
-    """What defines the run must match the checkpoint; lr, loss weights, --steps and logging may change."""
+    """What defines the run must match the checkpoint; lr, loss weights, --steps and logging may
+    change."""
     diff = [f"{k}={v} in the checkpoint, {getattr(cfg, k)} now" for k, v in ckpt["config"].items()
             if getattr(cfg, k, None) != v]
     diff += [f"{k}={ckpt['args'].get(k)} in the checkpoint, {getattr(args, k)} now"
@@ -123,15 +130,16 @@ def check_resume(ckpt, cfg, args, world):
              if ckpt["args"].get(k) != getattr(args, k)]
     if len(ckpt["rng"]) != world:
         diff.append(f"{len(ckpt['rng'])} processes in the checkpoint, {world} now")
-    require(not diff, f"{Path(args.out) / 'ckpt.pt'} is from another configuration: {'; '.join(diff)}")
+    require(not diff, f"{Path(args.out) / 'ckpt.pt'} is from another configuration: "
+                      f"{'; '.join(diff)}")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The training step
 
 def device_batches(raw, ds, device, num_timesteps):
-    """Loader batches [(x, y)] -> micro-batches [(x0, y, t, noise)] on the device. The copies come from
-    pinned memory and every random tensor is drawn on the device: no host synchronisation."""
+    """Loader batches [(x, y)] -> micro-batches [(x0, y, t, noise)] on the device. The copies come
+    from pinned memory and every random tensor is drawn on the device: no host synchronisation."""
     micro = []
     for x, y in raw:
         x0 = to_model_input(x.to(device, non_blocking=True), ds)
@@ -141,18 +149,20 @@ def device_batches(raw, ds, device, num_timesteps):
 
 
 def accumulate(net, diffusion, micro, args, autocast):
-    """Forward and backward over micro-batches [(x0, y, t, noise)], each loss scaled by 1/N: for a dense
-    model the gradients equal those of one batch holding all of them. Expert Race runs one race per
-    micro-batch (as every DDP process does), so K = B_micro * L * k. DDP syncs on the last one only.
-    Returns the losses averaged over micro-batches (detached) and the last micro-batch's MoE aux."""
+    """Forward and backward over micro-batches [(x0, y, t, noise)], each loss scaled by 1/N: for a
+    dense model the gradients equal those of one batch holding all of them. Expert Race runs one
+    race per micro-batch (as every DDP process does), so K = B_micro * L * k. DDP syncs on the last
+    one only. Returns the losses averaged over micro-batches (detached) and the last micro-batch's
+    MoE aux."""
     sums = {}
     for i, (x0, y, t, noise) in enumerate(micro):
         last = i == len(micro) - 1
         sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
         with sync:
             with autocast():
-                losses, aux = diffusion.training_losses(net, x0, y, args.plr_weight, args.rsl_weight,
-                                                        args.balance_weight, t=t, noise=noise)
+                losses, aux = diffusion.training_losses(net, x0, y, args.plr_weight,
+                                                        args.rsl_weight, args.balance_weight,
+                                                        t=t, noise=noise)
             (losses["loss"] / len(micro)).backward()
         sums = {k: sums.get(k, 0) + v.detach().float() / len(micro) for k, v in losses.items()}
     return sums, aux
@@ -160,7 +170,8 @@ def accumulate(net, diffusion, micro, args, autocast):
 
 @torch.no_grad()
 def average_thresholds(model):
-    """Each process raced its own batch (S3, S4): average the thresholds so that all processes agree."""
+    """Each process raced its own batch (S3, S4): average the thresholds so that all processes
+    agree."""
     thresholds = [m.threshold for m in model.moe_layers()]
     if not thresholds or not dist.is_initialized():
         return
@@ -172,15 +183,15 @@ def average_thresholds(model):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, tensor by tensor, as DiT; under no_grad, so that the EMA
-    never joins the autograd graph. Its thresholds are calibrated when it is used (S4)."""
+    """ema <- decay * ema + (1 - decay) * model, tensor by tensor, as DiT; under no_grad, so that
+    the EMA never joins the autograd graph. Its thresholds are calibrated when it is used (S4)."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
 
 
 def train_step(net, model, ema, opt, diffusion, micro, step, args, autocast):
-    """One optimizer step: learning rate, forward and backward over the micro-batches, AdamW, the race
-    thresholds averaged over processes, the EMA. Returns accumulate's (losses, aux)."""
+    """One optimizer step: learning rate, forward and backward over the micro-batches, AdamW, the
+    race thresholds averaged over processes, the EMA. Returns accumulate's (losses, aux)."""
     for group in opt.param_groups:  # linear warm-up, then constant (DiT: constant)
         group["lr"] = args.lr * min(1.0, (step + 1) / (args.warmup + 1))
     opt.zero_grad(set_to_none=True)
@@ -192,11 +203,12 @@ def train_step(net, model, ema, opt, diffusion, micro, step, args, autocast):
     return losses, aux
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Saving, sampling, logging
 
 def calibration_batches(ds, batch_size, device):
-    """The first examples of the data set (up to 4 batches, none empty), for the EMA's thresholds."""
+    """The first examples of the data set (up to 4 batches, none empty), for the EMA's
+    thresholds."""
     n = min(len(ds), 4 * batch_size)
     x = torch.stack([ds[i][0] for i in range(n)]).to(device)
     y = torch.tensor([ds[i][1] for i in range(n)], device=device)
@@ -204,28 +216,30 @@ def calibration_batches(ds, batch_size, device):
 
 
 def calibrate_ema(ema, diffusion, calib, ds, seed, autocast, device):
-    """S4: the EMA's thresholds from its own cutoffs on training-like batches, on a forked RNG stream,
-    so that saving or sampling never changes the run's random numbers."""
+    """S4: the EMA's thresholds from its own cutoffs on training-like batches, on a forked RNG
+    stream, so that saving or sampling never changes the run's random numbers."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
         torch.manual_seed(seed)
         R.calibrate_thresholds(ema, diffusion, [(to_model_input(x, ds), y) for x, y in calib])
 
 
 def save(path, step, model, ema, opt, cfg, args, losses, rank, world, device):
-    """Refuse to write anything non-finite; gather every process's RNG state; rank 0 writes atomically."""
+    """Refuse to write anything non-finite; gather every process's RNG state; rank 0 writes
+    atomically."""
     state = [*model.state_dict().values(), *ema.state_dict().values(), *losses.values()]
     if not all(bool(t.isfinite().all()) for t in state if t.is_floating_point()):
         last = load_checkpoint(path)["step"] if path.exists() else None
-        raise Diverged(f"non-finite loss or weights by step {step}; nothing saved (last checkpoint: step "
-                       f"{last}, intact); lower --lr or raise --warmup")
+        raise Diverged(f"non-finite loss or weights by step {step}; nothing saved "
+                       f"(last checkpoint: step {last}, intact); lower --lr or raise --warmup")
     cuda = device.type == "cuda"
     rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if cuda else None)
     rngs = [rng] * world
     if world > 1:
         dist.all_gather_object(rngs, rng)
     if rank == 0:
-        save_checkpoint(path, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                   step=step, config=dataclasses.asdict(cfg), args=vars(args), rng=rngs))
+        save_checkpoint(path, dict(model=model.state_dict(), ema=ema.state_dict(),
+                                   opt=opt.state_dict(), step=step,
+                                   config=dataclasses.asdict(cfg), args=vars(args), rng=rngs))
 
 
 def sample_grid(ema, diffusion, path, args, ds, vae, evaluator, autocast, device):
@@ -234,7 +248,8 @@ def sample_grid(ema, diffusion, path, args, ds, vae, evaluator, autocast, device
     classes = np.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().astype(int)
     y = torch.tensor(classes, device=device).repeat_interleave(args.grid_per_class)
     with autocast():
-        x = generate(ema, diffusion, y, 0, args.seed, args.sample_steps, args.cfg_scale, not ds.latent)
+        x = generate(ema, diffusion, y, 0, args.seed, args.sample_steps, args.cfg_scale,
+                     not ds.latent)
     images = to_uint8(vae.decode(x.float() / LATENT_SCALE).sample if ds.latent else x)
     save_grid(images, path, nrow=args.grid_per_class)
     return evaluator.score(images, y.cpu().numpy()) if evaluator is not None else {}
@@ -248,9 +263,9 @@ def peak_memory_gib(device):
 
 
 def log_record(step, n, sums, aux, t, seconds, model, opt, args, world, device):
-    """Losses averaged over the n steps since the last record and over processes: a progress line on
-    rank 0 and the record for metrics.jsonl, with the routing statistics of the last micro-batch (its
-    timesteps t)."""
+    """Losses averaged over the n steps since the last record and over processes: a progress line
+    on rank 0 and the record for metrics.jsonl, with the routing statistics of the last micro-batch
+    (its timesteps t)."""
     names = sorted(sums)
     vals = torch.stack([sums[k] for k in names]) / n
     if world > 1:
@@ -262,7 +277,8 @@ def log_record(step, n, sums, aux, t, seconds, model, opt, args, world, device):
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"step {step}/{args.steps} | " + " ".join(f"{k} {vals[k]:.4f}" for k in names)
               + f" | {rate:.2f} steps/s {rate * args.batch_size * world:.0f} img/s"
-              + f" | peak mem {mem:.2f} GiB | eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s",
+              + f" | peak mem {mem:.2f} GiB"
+              + f" | eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s",
               flush=True)
     record = dict(step=step, **vals, lr=opt.param_groups[0]["lr"], steps_per_s=rate, mem_gib=mem)
     if aux:
@@ -273,7 +289,7 @@ def log_record(step, n, sums, aux, t, seconds, model, opt, args, world, device):
     return record
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training
 
 def train(args):
@@ -296,7 +312,8 @@ def train(args):
         check_resume(ckpt, cfg, args, world)
     scored = args.eval == "on" or (args.eval == "auto" and args.data in EVALUATED)
     sampling_on_rank = rank == 0 and args.sample_every
-    evaluator = Evaluator(args.data, args.data_dir, args.image_size) if sampling_on_rank and scored else None
+    evaluator = (Evaluator(args.data, args.data_dir, args.image_size)
+                 if sampling_on_rank and scored else None)
     vae = load_vae(args.vae, device) if sampling_on_rank and ds.latent else None
     if world > 1:
         timeout = datetime.timedelta(minutes=args.dist_timeout)  # a hung process fails the others
@@ -325,15 +342,18 @@ def train(args):
     if rank == 0:
         keep_metrics(metrics, start)
         total, active = R.count_params(model)
-        print(f"{args.model} {cfg.routing} {'' if cfg.routing == 'dense' else args.experts} on {args.data} "
-              f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}: {total / 1e6:.2f}M parameters, "
-              f"{active / 1e6:.2f}M activated; {world} process(es) on {device}")
+        print(f"{args.model} {cfg.routing} {'' if cfg.routing == 'dense' else args.experts} "
+              f"on {args.data} {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}: "
+              f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M activated; "
+              f"{world} process(es) on {device}")
     diffusion = R.Diffusion()
-    net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     net = torch.compile(net) if args.compile else net
 
-    # 3. Data: the batches of step s are a function of (seed, s), so a resume sees the same ones. The
-    # loader has its own generator: creating its iterator must not shift torch's stream.
+    # 3. Data: the batches of step s are a function of (seed, s), so a resume sees the same ones.
+    # The loader has its own generator: creating its iterator must not shift torch's stream.
     order = BatchOrder(len(ds), args.batch_size, args.seed, start, rank, world, args.grad_accum)
     loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=args.workers,
                                               generator=torch.Generator(), pin_memory=cuda))
@@ -355,10 +375,12 @@ def train(args):
 
         # 4b. Log the losses since the last record; stop before saving anything that diverged.
         t = micro[-1][2]                                                  # the timesteps of `aux`
-        record = log_record(done, n, sums, aux, t, time.time() - tick, model, opt, args, world, device)
+        record = log_record(done, n, sums, aux, t, time.time() - tick, model, opt, args, world,
+                            device)
         if not math.isfinite(record["loss"]):
             raise Diverged(f"loss became {record['loss']} between steps {done - n} and {done}; "
-                           f"nothing saved since; {ckpt_path} keeps the last good state; lower --lr")
+                           f"nothing saved since; {ckpt_path} keeps the last good state; "
+                           "lower --lr")
 
         # 4c. Save, then sample: a sampling failure never costs the training.
         if saving or sampling:
@@ -370,8 +392,9 @@ def train(args):
             scores = sample_grid(ema, diffusion, path, args, ds, vae, evaluator, autocast, device)
             record.update(scores, sample_seconds=time.time() - tock)
             if scores:
-                print(f"  samples of step {done}: class accuracy {scores['accuracy']:.3f}, FD proxy "
-                      f"{scores['fd']:.2f} (halves {scores['fd_half_a']:.2f} / {scores['fd_half_b']:.2f})")
+                print(f"  samples of step {done}: class accuracy {scores['accuracy']:.3f}, "
+                      f"FD proxy {scores['fd']:.2f} "
+                      f"(halves {scores['fd_half_a']:.2f} / {scores['fd_half_b']:.2f})")
         if rank == 0:
             with open(metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -379,7 +402,8 @@ def train(args):
 
     if rank == 0:
         plot_losses(metrics, out / "loss.png")
-        print(f"done in {time.time() - started:.0f} s: {ckpt_path}, {out / 'samples'}, {out / 'loss.png'}")
+        print(f"done in {time.time() - started:.0f} s: {ckpt_path}, {out / 'samples'}, "
+              f"{out / 'loss.png'}")
     if world > 1:
         dist.destroy_process_group()
 

@@ -1,15 +1,19 @@
 """
 What a Race-DiT step costs next to a dense DiT with the same activated parameters.
 
-    python benchmarks/bench.py                                   # CPU-sized default (S/2 at 32x32 latents)
-    python benchmarks/bench.py --batch-size 256 --models B/2:dense,B/2:race:2in8,B/2:token:2in8   # a GPU
-    python benchmarks/bench.py --memory --models B/2:race:2in8,XL/2:race:4in32   # GPU memory, any machine
+    # CPU-sized default (S/2 at 32x32 latents)
+    python benchmarks/bench.py
+    # a GPU
+    python benchmarks/bench.py --batch-size 256 --models B/2:dense,B/2:race:2in8,B/2:token:2in8
+    # GPU memory, any machine
+    python benchmarks/bench.py --memory --models B/2:race:2in8,XL/2:race:4in32
 
 All models are built in one process and measured alternately (round-robin), after warm-up, so that
 clock or thermal drift hits every model alike. Times are medians over rounds. Training step =
 forward + backward + AdamW step with the full loss (PLR, RSL); inference = one forward in eval mode
-with the calibrated threshold routing. Memory: peak allocated on CUDA; on CPU the bytes of the distinct
-tensors saved for backward (the activation memory), since CPU allocations are not tracked per model.
+with the calibrated threshold routing. Memory: peak allocated on CUDA; on CPU the bytes of the
+distinct tensors saved for backward (the activation memory), since CPU allocations are not tracked
+per model.
 """
 import contextlib
 import json
@@ -30,15 +34,16 @@ DEFAULT = "S/2:dense,S/2:race:2in8,S/2:race:4in16,S/2:race:8in32,S/2:token:2in8,
 
 def build(spec, args, device, **kw):
     name, routing, *experts = spec.split(":")
-    cfg = R.make_config(name, experts[0] if experts else None, routing=routing, input_size=args.image_size,
-                        in_channels=args.channels, num_classes=args.num_classes, **kw)
+    cfg = R.make_config(name, experts[0] if experts else None, routing=routing,
+                        input_size=args.image_size, in_channels=args.channels,
+                        num_classes=args.num_classes, **kw)
     return R.RaceDiT(cfg).to(device)
 
 
 @contextlib.contextmanager
 def saved_for_backward():
-    """Yields a dict that fills with the distinct storages autograd saves for backward inside the block
-    (data pointer -> bytes): the activations and, under autocast, the bf16 weight copies."""
+    """Yields a dict that fills with the distinct storages autograd saves for backward inside the
+    block (data pointer -> bytes): the activations and, under autocast, the bf16 weight copies."""
     seen = {}
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -58,9 +63,9 @@ def saved_bytes(model, args, batch, device):
 
 
 def saved_bytes_model(spec, args, device, recompute):
-    """Blocks are identical and activations grow linearly with the batch, so the bytes saved at depth d and
-    batch b are a + b*x + d*(w + b*z); four small forwards (d, b in {1, 2}) fit it exactly. Returns the
-    full depth's (fixed bytes, bytes per image) and one block's (w, z)."""
+    """Blocks are identical and activations grow linearly with the batch, so the bytes saved at
+    depth d and batch b are a + b*x + d*(w + b*z); four small forwards (d, b in {1, 2}) fit it
+    exactly. Returns the full depth's (fixed bytes, bytes per image) and one block's (w, z)."""
     m = {}
     for d in (1, 2):
         model = build(spec, args, device, learn_sigma=True, depth=d)
@@ -73,11 +78,13 @@ def saved_bytes_model(spec, args, device, recompute):
 
 
 def memory(specs, args, device, gpus=(80, 141), batch=256):
-    """GPU training memory in bf16, estimated on any device without building the full model: 20 bytes per
-    parameter (fp32 weight, gradient, AdamW's two moments and the EMA copy, all on the GPU) plus the bytes
-    saved for backward. With activation recomputation the blocks keep only their inputs and backward holds
-    one recomputed block. Allocator slack and backward's transient gradients come on top: lower bounds."""
-    print(f"bf16 training memory (learned sigma, {args.channels}x{args.image_size}x{args.image_size}) from "
+    """GPU training memory in bf16, estimated on any device without building the full model:
+    20 bytes per parameter (fp32 weight, gradient, AdamW's two moments and the EMA copy, all on the
+    GPU) plus the bytes saved for backward. With activation recomputation the blocks keep only their
+    inputs and backward holds one recomputed block. Allocator slack and backward's transient
+    gradients come on top: lower bounds."""
+    print(f"bf16 training memory (learned sigma, "
+          f"{args.channels}x{args.image_size}x{args.image_size}) from "
           f"bytes saved for backward on {device}; 'recomp': with --recompute")
     print(f"{'model':18s} {'params':>7s} {'state GiB':>9s} {'MiB/img':>8s} {'recomp':>6s} "
           f"{f'b={batch} GiB':>10s} {'recomp':>6s} " + " ".join(f"{f'max b {g}G':>9s} {'recmp':>5s}"
@@ -85,21 +92,25 @@ def memory(specs, args, device, gpus=(80, 141), batch=256):
     rows = []
     for spec in specs:
         with torch.device("meta"):
-            params = sum(p.numel() for p in build(spec, args, "meta", learn_sigma=True).parameters())
+            model = build(spec, args, "meta", learn_sigma=True)
+            params = sum(p.numel() for p in model.parameters())
         plain, recomp = (saved_bytes_model(spec, args, device, c) for c in (False, True))
         w, z = plain[2]                                              # the block backward recomputes
         lines = {False: plain[:2], True: (recomp[0] + w, recomp[1] + z)}  # (fixed, per image) bytes
+        powers = [2**i for i in range(14)]
         gib = {(b, c): (20 * params + lines[c][0] + b * lines[c][1]) / 2**30
-               for b in [batch] + [2**i for i in range(14)] for c in (False, True)}
-        largest = {(g, c): max([b for b in (2**i for i in range(14)) if gib[b, c] <= 0.9 * g] or [0])
+               for b in [batch] + powers for c in (False, True)}
+        largest = {(g, c): max([b for b in powers if gib[b, c] <= 0.9 * g] or [0])
                    for g in gpus for c in (False, True)}
         row = dict(model=spec, params=params, state_gib=20 * params / 2**30,
                    mib_per_image=plain[1] / 2**20, mib_per_image_recompute=recomp[1] / 2**20,
                    batch_gib=gib[batch, False], batch_gib_recompute=gib[batch, True],
-                   largest_micro_batch={f"{g}GiB{'_recompute' if c else ''}": v for (g, c), v in largest.items()})
+                   largest_micro_batch={f"{g}GiB{'_recompute' if c else ''}": v
+                                        for (g, c), v in largest.items()})
         rows.append(row)
-        print(f"{spec:18s} {params / 1e9:6.2f}B {row['state_gib']:9.1f} {row['mib_per_image']:8.1f} "
-              f"{row['mib_per_image_recompute']:6.1f} {row['batch_gib']:10.1f} {row['batch_gib_recompute']:6.1f} "
+        print(f"{spec:18s} {params / 1e9:6.2f}B {row['state_gib']:9.1f} "
+              f"{row['mib_per_image']:8.1f} {row['mib_per_image_recompute']:6.1f} "
+              f"{row['batch_gib']:10.1f} {row['batch_gib_recompute']:6.1f} "
               + " ".join(f"{largest[g, False]:9d} {largest[g, True]:5d}" for g in gpus))
     print("max b: the largest power-of-two micro-batch within 90% of an 80 / 141 GiB GPU")
     return rows
@@ -121,8 +132,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
-    p.add_argument("--memory", action="store_true", help="estimate GPU training memory instead of timing")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 on CUDA")
+    p.add_argument("--memory", action="store_true",
+                   help="estimate GPU training memory instead of timing")
     p.add_argument("--json", help="also write the results here (e.g. benchmarks/bench.json)")
     args = p.parse_args(argv)
     for spec in args.models.split(","):
@@ -133,12 +146,14 @@ def main(argv=None):
         except ValueError as e:
             p.error(f"--models {spec!r}: {e}")
     if min(args.batch_size, args.rounds, args.image_size) < 1 or args.warmup < 0:
-        p.error("--batch-size, --rounds and --image-size must be positive, --warmup zero or positive")
+        p.error("--batch-size, --rounds and --image-size must be positive, "
+                "--warmup zero or positive")
     device = torch.device(args.device)
     if args.memory:
         rows = memory(args.models.split(","), args, device)
         if args.json:
-            atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(dict(memory=rows), indent=1)))
+            atomic_write(Path(args.json),
+                         lambda tmp: tmp.write_text(json.dumps(dict(memory=rows), indent=1)))
         return
     bf16, autocast_ = use_bf16(args.precision, device), autocast(args.precision, device)
     torch.manual_seed(0)
@@ -147,7 +162,8 @@ def main(argv=None):
     opts = {s: torch.optim.AdamW(m.parameters(), lr=1e-4) for s, m in models.items()}
     diffusion = R.Diffusion()
     B, C, S = args.batch_size, args.channels, args.image_size
-    x0, y = torch.randn(B, C, S, S, device=device), torch.randint(0, args.num_classes, (B,), device=device)
+    x0 = torch.randn(B, C, S, S, device=device)
+    y = torch.randint(0, args.num_classes, (B,), device=device)
 
     def train_step(s):
         models[s].train()
@@ -185,29 +201,33 @@ def main(argv=None):
                 times[s]["experts"] = R.routing_stats(aux)["experts_per_token"] if aux else None
 
     base = specs[0]
-    med = {s: {k: statistics.median(v) for k, v in times[s].items() if k != "experts"} for s in specs}
+    med = {s: {k: statistics.median(v) for k, v in times[s].items() if k != "experts"}
+           for s in specs}
     rows = []
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+    print(f"device {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{'bf16' if bf16 else 'fp32'}, batch {B} of {C}x{S}x{S}, torch {torch.__version__}, "
           f"median of {args.rounds} rounds")
-    print(f"{'model':26s} {'params':>9s} {'active':>9s} {'train ms':>9s} {'x base':>7s} {'infer ms':>9s} "
-          f"{'x base':>7s} {'img/s tr':>9s} {'mem MB':>8s} {'exp/tok':>8s}")
+    print(f"{'model':26s} {'params':>9s} {'active':>9s} {'train ms':>9s} {'x base':>7s} "
+          f"{'infer ms':>9s} {'x base':>7s} {'img/s tr':>9s} {'mem MB':>8s} {'exp/tok':>8s}")
     for s in specs:
         total, active = R.count_params(models[s])
         row = dict(model=s, params=total, activated=active, train_ms=1e3 * med[s]["train"],
                    infer_ms=1e3 * med[s]["infer"], train_ratio=med[s]["train"] / med[base]["train"],
-                   infer_ratio=med[s]["infer"] / med[base]["infer"], train_images_per_s=B / med[s]["train"],
+                   infer_ratio=med[s]["infer"] / med[base]["infer"],
+                   train_images_per_s=B / med[s]["train"],
                    infer_images_per_s=B / med[s]["infer"], memory_mb=mem[s] / 2**20,
                    experts_per_token_infer=times[s]["experts"])
         rows.append(row)
-        ept = f"{row['experts_per_token_infer']:.2f}" if row["experts_per_token_infer"] is not None else "-"
+        ept = (f"{row['experts_per_token_infer']:.2f}"
+               if row["experts_per_token_infer"] is not None else "-")
         print(f"{s:26s} {total / 1e6:8.1f}M {active / 1e6:8.1f}M "
               f"{row['train_ms']:9.1f} {row['train_ratio']:7.2f} "
               f"{row['infer_ms']:9.1f} {row['infer_ratio']:7.2f} {row['train_images_per_s']:9.1f} "
               f"{row['memory_mb']:8.0f} {ept:>8s}")
     if args.json:
-        result = dict(device=str(device), precision="bf16" if bf16 else "fp32", batch_size=B, image_size=S,
-                      channels=C, torch=torch.__version__, rows=rows)
+        result = dict(device=str(device), precision="bf16" if bf16 else "fp32", batch_size=B,
+                      image_size=S, channels=C, torch=torch.__version__, rows=rows)
         atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         print(f"wrote {args.json}")
 

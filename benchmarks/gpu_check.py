@@ -3,7 +3,8 @@ One command for whoever has a GPU for a few minutes (about 5 minutes on one H100
 
     python benchmarks/gpu_check.py --json benchmarks/gpu_check.json
 
-1. grouped GEMM vs the loop over experts in bf16, forward and backward, with an expert that gets no rows;
+1. grouped GEMM vs the loop over experts in bf16, forward and backward, with an expert that
+   gets no rows;
 2. train.py's own step (latent data through the pinned loader, accumulation, AdamW, the thresholds
    averaged over a one-process group, the EMA) at B/2-2in8, batch 32, under
    torch.cuda.set_sync_debug_mode("error"), with and without --recompute;
@@ -11,8 +12,9 @@ One command for whoever has a GPU for a few minutes (about 5 minutes on one H100
 4. bench.py: B/2 dense vs race vs token at batch 256 (images/s, peak memory);
 5. the largest XL/2-4in32 micro-batch for a training step with the EMA copy resident, without and
    with --recompute, next to bench.py's estimate of it.
-The JSON is rewritten after every stage, so a crash keeps the stages before it. `--tiny` runs the same
-stages at tiny sizes on a CPU (the sync check needs CUDA); full sizes refuse to run without CUDA.
+The JSON is rewritten after every stage, so a crash keeps the stages before it.
+`--tiny` runs the same stages at tiny sizes on a CPU (the sync check needs CUDA); full sizes refuse
+to run without CUDA.
 """
 import argparse
 import copy
@@ -55,15 +57,18 @@ def grouped_equals_loop(device, dtype):
 
 
 class Run:
-    """What train.py builds for a latent run: flags, data, model, EMA copy, AdamW, loader, precision."""
+    """What train.py builds for a latent run: flags, data, model, EMA copy, AdamW, loader,
+    precision."""
 
     def __init__(self, name, experts, batch, size, device, folder):
         n = max(2 * batch, 64)
         rng = np.random.default_rng(0)
-        np.save(folder / "moments.npy", rng.standard_normal((n, 2, 8, size, size), dtype=np.float32))
+        np.save(folder / "moments.npy",
+                rng.standard_normal((n, 2, 8, size, size), dtype=np.float32))
         np.save(folder / "labels.npy", rng.integers(0, 1000, n))
-        self.args = train.parse_args(["--data", "latents", "--data-dir", str(folder), "--model", name,
-                                      "--experts", experts, "--batch-size", str(batch)])
+        self.args = train.parse_args(["--data", "latents", "--data-dir", str(folder),
+                                      "--model", name, "--experts", experts,
+                                      "--batch-size", str(batch)])
         self.ds = load_data("latents", str(folder), num_classes=1000)
         cfg = train.model_config(self.args, self.ds)
         with torch.device(device):                                      # 2.8B parameters in seconds
@@ -109,8 +114,8 @@ def free_memory(run=None):
 
 
 def largest_batch(name, experts, size, device, folder, recompute, limit):
-    """Doubles the micro-batch until a training step runs out of memory; optimizer state, gradients and
-    the EMA copy are resident, as in train.py."""
+    """Doubles the micro-batch until a training step runs out of memory; optimizer state, gradients
+    and the EMA copy are resident, as in train.py."""
     best, batch = 0, 8
     while batch <= limit:
         run = None
@@ -178,9 +183,9 @@ def main(argv=None):
     dist.destroy_process_group()
     bench_json = folder / "bench.json"
     models = ",".join(f"{s['model']}:{r}" for r in ("dense", "race:2in8", "token:2in8"))
-    bench.main(["--models", models, "--batch-size", str(s["batch"]), "--rounds", "1" if args.tiny else "5",
-                "--warmup", "0" if args.tiny else "2", "--image-size", str(s["size"]),
-                "--json", str(bench_json)])
+    bench.main(["--models", models, "--batch-size", str(s["batch"]),
+                "--rounds", "1" if args.tiny else "5", "--warmup", "0" if args.tiny else "2",
+                "--image-size", str(s["size"]), "--json", str(bench_json)])
     stage("bench", json.loads(bench_json.read_text())["rows"])
     for recompute in (False, True):
         key = "largest_xl2_4in32_batch" + ("_recompute" if recompute else "")

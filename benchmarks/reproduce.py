@@ -1,18 +1,18 @@
 """
 The paper's comparisons at small scale, over seeds: does Expert Race beat dense, token-choice and
-expert-choice at equal activated compute (Table 6); does each step of the ablation help (Table 3); does
-PLR help where its motivation applies, in a deep narrow model (S5)?
+expert-choice at equal activated compute (Table 6); does each step of the ablation help (Table 3);
+does PLR help where its motivation applies, in a deep narrow model (S5)?
 
-    python benchmarks/reproduce.py              # every method x 3 seeds; results in benchmarks/results
-    python benchmarks/reproduce.py --quick      # a smoke run: a few steps each, in a temporary folder
+    python benchmarks/reproduce.py          # every method x 3 seeds; results in benchmarks/results
+    python benchmarks/reproduce.py --quick  # a smoke run: a few steps each, in a temporary folder
 
 Every run uses train.py's small-scale recipe (built-in 16x16 shapes, XS/4, lr 1e-3, batch 64, EMA),
-the same budget and seeds 0..N-1; every MoE is 2in8 with granularity 2, so its activated compute equals the
-dense MLP's. Per run: held-out epsilon-MSE on the test split at fixed (noise, timestep) per image;
-evaluate.py's class accuracy and FD proxy of --samples-per-class samples per class (DDIM, guidance 2);
-MaxVio and combination usage (Table 2) from the last training logs; experts per token by sampling
-timestep (Fig. 6); for the deep pair, each block's contribution relative to the residual stream.
-Each claim gets a verdict: a difference larger than 2 standard errors over seeds supports or
+the same budget and seeds 0..N-1; every MoE is 2in8 with granularity 2, so its activated compute
+equals the dense MLP's. Per run: held-out epsilon-MSE on the test split at fixed (noise, timestep)
+per image; evaluate.py's class accuracy and FD proxy of --samples-per-class samples per class (DDIM,
+guidance 2); MaxVio and combination usage (Table 2) from the last training logs; experts per token
+by sampling timestep (Fig. 6); for the deep pair, each block's contribution relative to the residual
+stream. Each claim gets a verdict: a difference larger than 2 standard errors over seeds supports or
 contradicts it, a smaller one cannot resolve it. Finished runs are skipped, interrupted ones resume.
 """
 import json
@@ -41,8 +41,8 @@ NO_AUX = ["--plr-weight", "0", "--rsl-weight", "0"]
 # name -> (train.py flags, inference routing, training run it shares)
 METHODS = {
     "dense": (["--routing", "dense"], "threshold", None),
-    "token-choice": (["--routing", "token", "--gating", "softmax", "--balance-weight", "0.01", *NO_AUX],
-                     "threshold", None),
+    "token-choice": (["--routing", "token", "--gating", "softmax", "--balance-weight", "0.01",
+                      *NO_AUX], "threshold", None),
     "expert-choice": (["--routing", "expert", "--gating", "softmax", *NO_AUX], "threshold", None),
     "race softmax": (["--gating", "softmax", *NO_AUX], "topk", None),
     "race identity": (NO_AUX, "topk", None),
@@ -57,7 +57,8 @@ CLAIMS = [("Table 6: race beats token-choice", "race full recipe (+RSL)", "token
           ("Table 6: race beats expert-choice", "race full recipe (+RSL)", "expert-choice"),
           ("Table 4: race MoE beats dense", "race full recipe (+RSL)", "dense"),
           ("Table 1/3: identity gating beats softmax", "race identity", "race softmax"),
-          ("Table 3: threshold beats batch top-K at inference", "race identity +threshold", "race identity"),
+          ("Table 3: threshold beats batch top-K at inference", "race identity +threshold",
+           "race identity"),
           ("Table 3: PLR helps", "race +threshold +PLR", "race identity +threshold"),
           ("Table 3: RSL helps", "race full recipe (+RSL)", "race +threshold +PLR"),
           ("S5: PLR helps a deep narrow model", "deep race +PLR", "deep race -PLR")]
@@ -98,11 +99,13 @@ def score(ckpt_path, routing, test, evaluator, args):
     labels = torch.arange(10).repeat_interleave(args.samples_per_class)
     stats = R.ExpertsByTimestep()
     images = np.concatenate([
-        to_uint8(generate(model, d, labels[i:i + 250], i, 0, args.sample_steps, 2.0, True, "ddim", stats))
+        to_uint8(generate(model, d, labels[i:i + 250], i, 0, args.sample_steps, 2.0, True,
+                          "ddim", stats))
         for i in range(0, len(labels), 250)])
     records = [json.loads(line) for line in open(Path(ckpt_path).parent / "metrics.jsonl")]
     out = dict(heldout_mse=mse / len(x), steps=ckpt["step"], routing=routing,
-               curve=[(r["step"], r["mse"]) for r in records], **evaluator.score(images, labels.numpy()),
+               curve=[(r["step"], r["mse"]) for r in records],
+               **evaluator.score(images, labels.numpy()),
                contributions=block_contributions(model, to_model_input(x[:256], test), y[:256], d))
     if stats.sums:
         out.update(stats.result(), max_vio=float(np.mean([r["max_vio"] for r in records[-5:]])),
@@ -116,8 +119,9 @@ def verdicts(results, names, seeds):
     table, claims = {}, []
     for name in names:
         rows = [results[f"{name} / seed {s}"] for s in range(seeds)]
-        table[name] = {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows], ddof=1))
-                           if seeds > 1 else 0.0) for k in METRICS}
+        table[name] = {k: (float(np.mean([r[k] for r in rows])),
+                           float(np.std([r[k] for r in rows], ddof=1)) if seeds > 1 else 0.0)
+                       for k in METRICS}
     for claim, a, b in CLAIMS:
         if a not in table or b not in table:
             continue
@@ -126,7 +130,8 @@ def verdicts(results, names, seeds):
             (ma, sa), (mb, sb) = table[a][k], table[b][k]
             se = math.sqrt((sa ** 2 + sb ** 2) / seeds)
             diff = sign * (ma - mb)                                     # > 0: as the paper says
-            said[k] = "cannot resolve" if abs(diff) <= 2 * se else "supports" if diff > 0 else "contradicts"
+            said[k] = ("cannot resolve" if abs(diff) <= 2 * se
+                       else "supports" if diff > 0 else "contradicts")
         claims.append(dict(claim=claim, better=a, worse=b, **said))
     return table, claims
 
@@ -137,8 +142,9 @@ def charts(results, names, seeds, out):
     series = [(steps, list(np.mean(curves(n), 0)), COLOURS[i % 10], 2) for i, n in enumerate(names)]
     # each seed
     series += [(steps, c, COLOURS[i % 10], 1) for i, n in enumerate(names) for c in curves(n)]
-    line_chart(series, out / "loss_curves.png", "training epsilon-MSE: mean over seeds (thick), each seed",
-               "step", log_y=True, size=(900, 480), legend=[(n, c) for n, (*_, c, _) in zip(names, series)])
+    line_chart(series, out / "loss_curves.png",
+               "training epsilon-MSE: mean over seeds (thick), each seed", "step", log_y=True,
+               size=(900, 480), legend=[(n, c) for n, (*_, c, _) in zip(names, series)])
     race = results.get("race full recipe (+RSL) / seed 0", {})
     if "per_layer" in race:
         experts_chart(race, out / "experts_by_timestep.png", 2)
@@ -147,8 +153,9 @@ def charts(results, names, seeds, out):
         series = [(list(range(1, 1 + len(results[f"{n} / seed {s}"]["contributions"]))),
                    results[f"{n} / seed {s}"]["contributions"], COLOURS[1 + i], 2 if s == 0 else 1)
                   for i, n in enumerate(pair) for s in range(seeds)]
-        line_chart(series, out / "plr_contributions.png", "||block(x) - x|| / ||x|| by depth (thick: seed 0)",
-                   "block", log_y=True, legend=[(n, COLOURS[1 + i]) for i, n in enumerate(pair)])
+        line_chart(series, out / "plr_contributions.png",
+                   "||block(x) - x|| / ||x|| by depth (thick: seed 0)", "block", log_y=True,
+                   legend=[(n, COLOURS[1 + i]) for i, n in enumerate(pair)])
 
 
 def main(argv=None):
@@ -157,8 +164,10 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples-per-class", type=int, default=20)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the scored samples")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
-    p.add_argument("--data", default="shapes", help="shapes or fashion-mnist (with --image-size 28)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma list of: " + ", ".join(METHODS))
+    p.add_argument("--data", default="shapes",
+                   help="shapes or fashion-mnist (with --image-size 28)")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--out", help="results and charts (default benchmarks/results)")
     p.add_argument("--runs", help="checkpoints, not committed (default benchmarks/runs)")
@@ -167,10 +176,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
-        p.error(f"unknown --methods {', '.join(map(repr, unknown))}; choose from: {', '.join(METHODS)}")
+        p.error(f"unknown --methods {', '.join(map(repr, unknown))}; "
+                f"choose from: {', '.join(METHODS)}")
     if min(args.steps, args.samples_per_class, args.sample_steps) < 1 or args.seeds < 2:
-        p.error("--steps, --samples-per-class and --sample-steps must be positive, --seeds at least 2 "
-                "(a verdict needs a standard deviation)")
+        p.error("--steps, --samples-per-class and --sample-steps must be positive, "
+                "--seeds at least 2 (a verdict needs a standard deviation)")
     tmp = Path(tempfile.mkdtemp()) if args.quick else None
     if args.quick:  # its files in a temporary folder, unless --out / --runs name one
         args.steps, args.samples_per_class, args.sample_steps, args.seeds = 4, 2, 3, 2
@@ -189,30 +199,38 @@ def main(argv=None):
     for name in names:
         flags, routing, shared = METHODS[name]
         for seed in range(args.seeds):
-            key, run = f"{name} / seed {seed}", runs / f"{(shared or name).replace(' ', '_')}_seed{seed}"
+            key = f"{name} / seed {seed}"
+            run = runs / f"{(shared or name).replace(' ', '_')}_seed{seed}"
             if results.get(key, {}).get("steps") == args.steps:
                 continue
-            if not ((run / "ckpt.pt").exists() and load_checkpoint(run / "ckpt.pt")["step"] >= args.steps):
+            if not ((run / "ckpt.pt").exists()
+                    and load_checkpoint(run / "ckpt.pt")["step"] >= args.steps):
                 every = dict(log=max(args.steps // 50, 1), save=max(args.steps // 4, 1))
                 size = str(args.image_size)
                 train.main(["--data", args.data, "--data-dir", args.data_dir, "--image-size", size,
                             "--steps", str(args.steps), "--seed", str(seed), "--sample-every", "0",
                             "--log-every", str(every["log"]), "--save-every", str(every["save"]),
-                            "--out", str(run), *(["--resume"] if (run / "ckpt.pt").exists() else []), *flags])
+                            "--out", str(run),
+                            *(["--resume"] if (run / "ckpt.pt").exists() else []), *flags])
             results[key], grid = score(run / "ckpt.pt", routing, test, evaluator, args)
             if seed == 0:
                 save_grid(grid, out / f"grid_{name.replace(' ', '_')}.png", nrow=10)
-            atomic_write(results_path, lambda tmp_path: tmp_path.write_text(json.dumps(results, indent=1)))
+            atomic_write(results_path,
+                         lambda tmp_path: tmp_path.write_text(json.dumps(results, indent=1)))
     table, claims = verdicts(results, names, args.seeds)
-    summary = dict(setup={k: v for k, v in vars(args).items() if k not in ("out", "runs", "data_dir")},
+    summary = dict(setup={k: v for k, v in vars(args).items()
+                          if k not in ("out", "runs", "data_dir")},
                    seconds=time.time() - tick, table=table, claims=claims)
-    atomic_write(out / "summary.json", lambda tmp_path: tmp_path.write_text(json.dumps(summary, indent=1)))
+    atomic_write(out / "summary.json",
+                 lambda tmp_path: tmp_path.write_text(json.dumps(summary, indent=1)))
     for name, row in table.items():
         print(f"{name:28s} " + "  ".join(f"{k} {m:.4f} ± {s:.4f}" for k, (m, s) in row.items()))
     for c in claims:
-        print(f"{c['claim']}: accuracy {c['accuracy']}, FD {c['fd']}, held-out MSE {c['heldout_mse']}")
+        print(f"{c['claim']}: accuracy {c['accuracy']}, FD {c['fd']}, "
+              f"held-out MSE {c['heldout_mse']}")
     charts(results, names, args.seeds, out)
-    print(f"wrote {results_path}, {out / 'summary.json'} and charts in {out} ({time.time() - tick:.0f} s)")
+    print(f"wrote {results_path}, {out / 'summary.json'} and charts in {out} "
+          f"({time.time() - tick:.0f} s)")
     if tmp is not None:
         shutil.rmtree(tmp)
 

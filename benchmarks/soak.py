@@ -1,8 +1,8 @@
 """
 A long run in miniature: train.py's own data path and step on a tiny model for N steps, printing at
-intervals the host's resident memory, the autograd nodes reachable from the EMA's tensors and the time
-per step, then the slope of each over the run after its first interval. A leak shows as a slope that
-does not vanish; a week-long run needs all three flat.
+intervals the host's resident memory, the autograd nodes reachable from the EMA's tensors and the
+time per step, then the slope of each over the run after its first interval. A leak shows as a slope
+that does not vanish; a week-long run needs all three flat.
 
     python benchmarks/soak.py --steps 5000 --every 500
 """
@@ -34,7 +34,8 @@ def rss_mib():
 
 
 def autograd_nodes(tensors):
-    """Distinct autograd nodes reachable from the tensors' grad_fn: 0 for leaves outside any graph."""
+    """Distinct autograd nodes reachable from the tensors' grad_fn: 0 for leaves outside any
+    graph."""
     seen, todo = set(), [t.grad_fn for t in tensors if t.grad_fn is not None]
     while todo:
         node = todo.pop()
@@ -56,7 +57,8 @@ def main(argv=None):
     p.add_argument("--json", help="also write the measurements here")
     args = p.parse_args(argv)
     if args.steps < 2 * args.every or args.every < 1:
-        p.error("--every must be positive and --steps at least twice --every (a slope needs two points)")
+        p.error("--every must be positive and --steps at least twice --every "
+                "(a slope needs two points)")
     torch.manual_seed(0)
     run = train.parse_args(["--model", "XS/8", "--batch-size", "8", "--image-size", "16"])
     ds = load_data("shapes", image_size=16)
@@ -64,7 +66,8 @@ def main(argv=None):
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0)
     loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=BatchOrder(len(ds), 8, 0, 0)))
-    diffusion, device, precision = R.Diffusion(), torch.device("cpu"), autocast("auto", torch.device("cpu"))
+    diffusion, device = R.Diffusion(), torch.device("cpu")
+    precision = autocast("auto", torch.device("cpu"))
     rows, tick = [], time.perf_counter()
     print(f"{'step':>7s} {'RSS MiB':>9s} {'EMA autograd nodes':>19s} {'ms/step':>8s}")
     for step in range(args.steps):
@@ -72,18 +75,20 @@ def main(argv=None):
         train.train_step(model, model, ema, opt, diffusion, micro, step, run, precision)
         if (step + 1) % args.every == 0:
             ms = 1e3 * (time.perf_counter() - tick) / args.every
-            rows.append(dict(step=step + 1, rss_mib=rss_mib(), ema_nodes=autograd_nodes(ema.parameters()),
-                             ms_per_step=ms))
-            print(f"{step + 1:7d} {rows[-1]['rss_mib']:9.1f} {rows[-1]['ema_nodes']:19d} {ms:8.2f}", flush=True)
+            rows.append(dict(step=step + 1, rss_mib=rss_mib(),
+                             ema_nodes=autograd_nodes(ema.parameters()), ms_per_step=ms))
+            print(f"{step + 1:7d} {rows[-1]['rss_mib']:9.1f} {rows[-1]['ema_nodes']:19d} {ms:8.2f}",
+                  flush=True)
             tick = time.perf_counter()
     later = rows[1:]                                                     # after the first interval
     steps = [r["step"] for r in later]
     slopes = dict(rss_mib_per_1000_steps=1000 * slope(steps, [r["rss_mib"] for r in later]),
                   ema_nodes_per_step=slope(steps, [r["ema_nodes"] for r in later]),
                   ms_per_step_per_1000_steps=1000 * slope(steps, [r["ms_per_step"] for r in later]))
-    print(f"slopes after step {rows[0]['step']}: RSS {slopes['rss_mib_per_1000_steps']:+.2f} MiB per 1000 "
-          f"steps, EMA autograd nodes {slopes['ema_nodes_per_step']:+.2f} per step, time per step "
-          f"{slopes['ms_per_step_per_1000_steps']:+.3f} ms per 1000 steps")
+    print(f"slopes after step {rows[0]['step']}: "
+          f"RSS {slopes['rss_mib_per_1000_steps']:+.2f} MiB per 1000 steps, "
+          f"EMA autograd nodes {slopes['ema_nodes_per_step']:+.2f} per step, "
+          f"time per step {slopes['ms_per_step_per_1000_steps']:+.3f} ms per 1000 steps")
     if args.json:
         result = dict(rows=rows, slopes=slopes, torch=torch.__version__)
         atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
