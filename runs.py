@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import sys
 import tempfile
@@ -37,6 +38,29 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def checked(kind, ok, message):
+    """An argparse type: kind(text), refused unless ok(value); argparse names the flag, so a bad
+    value is one line before any work, e.g. "argument --steps: must be positive"."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(message)
+        return value
+    return parse
+
+
+POSITIVE = checked(int, lambda v: v > 0, "must be positive")
+AT_LEAST_ZERO = checked(int, lambda v: v >= 0, "must be zero or positive")
+POSITIVE_NUMBER = checked(float, lambda v: math.isfinite(v) and v > 0, "must be a positive number")
+WEIGHT = checked(float, lambda v: math.isfinite(v) and v >= 0, "must be a number >= 0")
+DECAY = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
+STEPS = checked(int, lambda v: 1 <= v <= 1000, "must be in 1..1000")
+SEED = checked(int, lambda v: 0 <= v < 2**31, "must be in 0..2147483647")
 
 
 def require(ok, message):

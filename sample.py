@@ -24,8 +24,8 @@ import torch.distributed as dist
 import race_dit as R
 from data import LATENT_SCALE, load_vae, to_uint8
 from pictures import experts_chart, save_grid
-from runs import (Parser, UserError, atomic_write, load_checkpoint, require, run_main,
-                  writable_folder)
+from runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, UserError, atomic_write, load_checkpoint,
+                  require, run_main, writable_folder)
 
 
 def parse_args(argv=None):
@@ -38,14 +38,14 @@ def parse_args(argv=None):
     a("--inference-routing", default="threshold", choices=["threshold", "topk"],
       help="threshold: the calibrated per-layer threshold (S4); topk: batch top-K, for comparison")
     a("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    a("--steps", type=int, default=250)
-    a("--cfg-scale", type=float, default=1.5, help="classifier-free guidance; 1 = none")
-    a("--seed", type=int, default=0)
+    a("--steps", type=STEPS, default=250)
+    a("--cfg-scale", type=WEIGHT, default=1.5, help="classifier-free guidance; 1 = none")
+    a("--seed", type=SEED, default=0)
     a("--labels", help="comma-separated class labels (cycled to --num-samples)")
-    a("--num-samples", type=int, help="default: the number of --labels, else 64")
-    a("--batch-size", type=int, default=64, help="per process")
+    a("--num-samples", type=POSITIVE, help="default: the number of --labels, else 64")
+    a("--batch-size", type=POSITIVE, default=64, help="per process")
     a("--out", default="grid.png", help="PNG grid of the samples ('' for none)")
-    a("--nrow", type=int, default=8)
+    a("--nrow", type=POSITIVE, default=8)
     a("--npz", help="also write the samples as uint8 (N, H, W, 3) arr_0 (ADM evaluation format)")
     a("--experts-by-timestep", help="JSON path; also writes a PNG chart beside it")
     a("--vae", default="stabilityai/sd-vae-ft-ema",
@@ -128,12 +128,6 @@ def choose_labels(args, num_classes):
 
 
 def run(args, grid_max=256):
-    require(1 <= args.steps <= 1000, "--steps must be in 1..1000")
-    require(args.batch_size > 0 and args.nrow > 0, "--batch-size and --nrow must be positive")
-    require(args.num_samples is None or args.num_samples > 0, "--num-samples must be positive")
-    require(math.isfinite(args.cfg_scale) and args.cfg_scale >= 0,
-            "--cfg-scale must be a number >= 0")
-    require(0 <= args.seed < 2**31, "--seed must be in 0..2147483647")
     for path, flag in ((args.out, "--out"), (args.npz, "--npz"),
                        (args.experts_by_timestep, "--experts-by-timestep")):
         if path:

@@ -221,15 +221,15 @@ def test_a_restart_without_checkpoint_drops_the_killed_runs_records(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--sample-steps", "0"], "--sample-steps must be in 1..1000"),
-    (["--sample-steps", "5000"], "--sample-steps must be in 1..1000"),
-    (["--lr", "-1"], "--lr must be a positive number"),
-    (["--lr", "nan"], "--lr must be a positive number"),
-    (["--cfg-scale", "nan"], "--cfg-scale must be a number"),
+    (["--sample-steps", "0"], "argument --sample-steps: must be in 1..1000"),
+    (["--sample-steps", "5000"], "argument --sample-steps: must be in 1..1000"),
+    (["--lr", "-1"], "argument --lr: must be a positive number"),
+    (["--lr", "nan"], "argument --lr: must be a positive number"),
+    (["--cfg-scale", "nan"], "argument --cfg-scale: must be a number"),
     (["--threshold-decay", "2"], "[0, 1)"),
-    (["--workers", "-1"], "--workers must be zero or positive"),
+    (["--workers", "-1"], "argument --workers: must be zero or positive"),
     (["--model", "XS/0"], "patch size must be"),
-    (["--seed", "1e20"], "invalid int value"), (["--seed", "-1"], "--seed must be in"),
+    (["--seed", "1e20"], "invalid int value"), (["--seed", "-1"], "argument --seed: must be in"),
     (["--experts", "9in8"], "top-k must be between 1 and the number of experts"),
     (["--model", "Q/2"], "unknown model"), (["--data", "nowhere"], "neither one of"),
     (["--model", "XS/4", "--image-size", "30"], "not divisible by the patch size")])
@@ -615,7 +615,7 @@ def test_precision_fp32_is_the_cpu_default_and_bf16_samples_close_to_it(ckpt, tm
     (["--labels", "3,x"], "--labels must be comma-separated classes"),
     (["--labels", "10"], "in 0..9"),
     (["--labels", "²"], "--labels must be"), (["--steps", "0"], "--steps"),
-    (["--num-samples", "0"], "--num-samples must be positive"),
+    (["--num-samples", "0"], "argument --num-samples: must be positive"),
     (["--cfg-scale", "nan"], "--cfg-scale"),
     (["--out", "/nonexistent/dir/g.png"], "does not exist"),
     (["--npz", "/proc/s.npz"], "not writable")])

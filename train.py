@@ -30,79 +30,64 @@ import race_dit as R
 from data import LATENT_SCALE, BatchOrder, load_data, load_vae, to_model_input, to_uint8
 from evaluate import SUPPORTED as EVALUATED, Evaluator
 from pictures import plot_losses, save_grid
-from runs import (Diverged, Parser, UserError, keep_metrics, load_checkpoint, locked, require,
-                  run_main, save_checkpoint)
+from runs import (AT_LEAST_ZERO, DECAY, POSITIVE, POSITIVE_NUMBER, SEED, STEPS, WEIGHT, Diverged,
+                  Parser, UserError, keep_metrics, load_checkpoint, locked, require, run_main,
+                  save_checkpoint)
 from sample import autocast as precision_context, generate
 
 
-def parse_args(argv=None):
-    p = Parser(prog="train.py", description=__doc__)
+def parse_args(argv=None, prog="train.py"):
+    p = Parser(prog=prog, description=__doc__)
     a = p.add_argument
     a("--data", default="shapes",
       help="shapes | cifar10 | fashion-mnist | latents | a class-folder path")
     a("--data-dir", default="data", help="where cifar10 / fashion-mnist / latents files live")
-    a("--image-size", type=int, default=16, help="for shapes and image folders")
-    a("--num-classes", type=int, default=1000, help="for latents (ImageNet: 1000)")
+    a("--image-size", type=POSITIVE, default=16, help="for shapes and image folders")
+    a("--num-classes", type=POSITIVE, default=1000, help="for latents (ImageNet: 1000)")
     a("--model", default="XS/4", help="XS|S|B|M|L|XL / patch, e.g. B/2")
     a("--experts", default="2in8", help="k in E, e.g. 4in32")
     a("--routing", default="race", choices=R.ROUTINGS)
     a("--gating", default="identity", choices=R.GATINGS)
-    a("--granularity", type=int, default=0,
+    a("--granularity", type=AT_LEAST_ZERO, default=0,
       help="experts per MLP width: expert width = 4D / granularity (default k)")
     a("--learn-sigma", default="auto", choices=["auto", "on", "off"],
       help="learned variance with DiT's hybrid loss; auto: on for latents, as DiT")
-    a("--plr-weight", type=float, default=0.1, help="per-layer regularization (S5)")
-    a("--rsl-weight", type=float, default=0.01, help="router similarity loss (S6)")
-    a("--balance-weight", type=float, default=0.0,
+    a("--plr-weight", type=WEIGHT, default=0.1, help="per-layer regularization (S5)")
+    a("--rsl-weight", type=WEIGHT, default=0.01, help="router similarity loss (S6)")
+    a("--balance-weight", type=WEIGHT, default=0.0,
       help="switch balance loss (token-choice baseline)")
-    a("--threshold-decay", type=float, default=0.99, help="EMA of the race cutoff (S4)")
-    a("--lr", type=float, default=1e-3, help="peak learning rate (paper: 1e-4)")
-    a("--warmup", type=int, default=100, help="linear learning-rate warm-up steps (paper: 0)")
-    a("--batch-size", type=int, default=64,
+    a("--threshold-decay", type=DECAY, default=0.99, help="EMA of the race cutoff (S4)")
+    a("--lr", type=POSITIVE_NUMBER, default=1e-3, help="peak learning rate (paper: 1e-4)")
+    a("--warmup", type=AT_LEAST_ZERO, default=100,
+      help="linear learning-rate warm-up steps (paper: 0)")
+    a("--batch-size", type=POSITIVE, default=64,
       help="per process and micro-batch (paper: 256 or 1024 in all)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--grad-accum", type=POSITIVE, default=1, help="micro-batches per optimizer step")
     a("--recompute", action="store_true",
       help="activation recomputation: backward recomputes each block "
            "(~1/3 more compute, far less memory)")
-    a("--steps", type=int, default=1600)
-    a("--ema-decay", type=float, default=0.999, help="weight EMA (paper: 0.9999)")
-    a("--seed", type=int, default=0)
+    a("--steps", type=POSITIVE, default=1600)
+    a("--ema-decay", type=DECAY, default=0.999, help="weight EMA (paper: 0.9999)")
+    a("--seed", type=SEED, default=0)
     a("--out", default="runs/default")
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast on CUDA, fp32 on CPU")
     a("--compile", action="store_true", help="torch.compile the model (for GPUs; no gain on a CPU)")
-    a("--workers", type=int, default=0, help="data loader workers (image folders, latents)")
-    a("--log-every", type=int, default=50)
-    a("--save-every", type=int, default=400)
-    a("--sample-every", type=int, default=800,
+    a("--workers", type=AT_LEAST_ZERO, default=0,
+      help="data loader workers (image folders, latents)")
+    a("--log-every", type=POSITIVE, default=50)
+    a("--save-every", type=POSITIVE, default=400)
+    a("--sample-every", type=AT_LEAST_ZERO, default=800,
       help="sample grid (and evaluation) every N steps; 0: none")
-    a("--sample-steps", type=int, default=50, help="sampling steps for grids")
-    a("--grid-per-class", type=int, default=20, help="samples per class row of the grid")
-    a("--cfg-scale", type=float, default=2.0)
+    a("--sample-steps", type=STEPS, default=50, help="sampling steps for grids")
+    a("--grid-per-class", type=POSITIVE, default=20, help="samples per class row of the grid")
+    a("--cfg-scale", type=WEIGHT, default=2.0)
     a("--eval", default="auto", choices=["auto", "on", "off"],
       help="score the grids (evaluate.py); auto: on for shapes/cifar10/fashion-mnist")
     a("--vae", default="stabilityai/sd-vae-ft-ema", help="decodes latent samples (diffusers)")
-    a("--dist-timeout", type=int, default=10, help="minutes a process waits for the others")
+    a("--dist-timeout", type=POSITIVE, default=10, help="minutes a process waits for the others")
     return p.parse_args(argv)
-
-
-def check_args(args):
-    """One validation pass over every flag, before any work."""
-    flag = lambda name: "--" + name.replace("_", "-")
-    for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "image_size",
-                 "num_classes", "grid_per_class", "dist_timeout"):
-        require(getattr(args, name) > 0, f"{flag(name)} must be positive")
-    for name in ("warmup", "workers", "sample_every", "granularity"):
-        require(getattr(args, name) >= 0, f"{flag(name)} must be zero or positive")
-    require(math.isfinite(args.lr) and args.lr > 0, "--lr must be a positive number")
-    for name in ("plr_weight", "rsl_weight", "balance_weight", "cfg_scale"):
-        value = getattr(args, name)
-        require(math.isfinite(value) and value >= 0, f"{flag(name)} must be a number >= 0")
-    for name in ("ema_decay", "threshold_decay"):
-        require(0 <= getattr(args, name) < 1, f"{flag(name)} must be in [0, 1)")
-    require(1 <= args.sample_steps <= 1000, "--sample-steps must be in 1..1000")
-    require(0 <= args.seed < 2**31, "--seed must be in 0..2147483647")
 
 
 def model_config(args, ds):
@@ -408,8 +393,7 @@ def train(args):
         dist.destroy_process_group()
 
 
-def checked_and_locked_train(args, rank):
-    check_args(args)
+def locked_train(args, rank):
     # A second run on the same folder stops here; rank 0 alone writes, so it alone locks.
     with locked(args.out) if rank == 0 else contextlib.nullcontext():
         train(args)
@@ -418,8 +402,8 @@ def checked_and_locked_train(args, rank):
 def main(argv=None):
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     prog = f"train.py (rank {rank})" if world > 1 else "train.py"
-    args = parse_args(argv)
-    run_main(prog, lambda: checked_and_locked_train(args, rank))
+    args = parse_args(argv, prog)  # every flag checked here, before any work
+    run_main(prog, lambda: locked_train(args, rank))
 
 
 if __name__ == "__main__":
