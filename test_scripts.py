@@ -7,6 +7,7 @@ import copy
 import gzip
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -747,6 +748,21 @@ def test_bench_memory_estimate_equals_a_direct_measurement_of_the_full_model():
                  - bench.saved_bytes(model, args, 1, cpu)) / 2
     assert row["mib_per_image_recompute"] * 2**20 == pytest.approx(per_image)
     assert row["mib_per_image_recompute"] < row["mib_per_image"] / 3
+
+
+def test_paired_statistics_against_hand_computed_cases():
+    from benchmarks.reproduce import holm, paired_test, t_quantile
+    for p, df, table in ((0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 7, 2.365), (0.8, 7, 0.896)):
+        assert t_quantile(p, df) == pytest.approx(table, abs=1e-3)       # printed t tables
+    test = paired_test([1.0, 2.0, 3.0])                                   # mean 2, sd 1, n 3
+    t = 2 / (1 / math.sqrt(3))
+    assert test["t"] == pytest.approx(t) and test["df"] == 2
+    assert test["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-6)  # t(2)'s closed form
+    half = 4.3027 / math.sqrt(3)                                          # t(2) 0.975 x se
+    assert test["ci"] == pytest.approx((2 - half, 2 + half), abs=1e-3)
+    levels, rejected = holm([0.01, 0.04, 0.03, 0.005])
+    assert levels == pytest.approx([0.05 / 3, 0.05, 0.05 / 2, 0.05 / 4])
+    assert rejected == [True, False, False, True]                        # 0.03 > 0.025 stops it
 
 
 GPU_CHECK_STAGES = {"device", "torch", "seconds", "grouped_vs_loop", "grouped_mm_chosen",
