@@ -114,11 +114,13 @@ class FolderDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.read(self.items[i][0])).permute(2, 0, 1), self.items[i][1]
 
 
-def make_shapes(n=10_000, size=32, seed=0):
+def make_shapes(n=10_000, size=32, seed=0, shapes=None, random_colours=False):
     """Built-in data: 10 classes, each a fixed shape in a fixed colour (disc, square, ring, diamond,
     cross, triangle, two discs, and square patches of horizontal stripes, vertical stripes or
     checks) with random position, size and brightness on a noisy dark background. Deterministic by
-    seed; rendered in chunks so that memory stays bounded at large sizes."""
+    seed; rendered in chunks so that memory stays bounded at large sizes. The object masks are kept
+    (`masks`, (n, size, size)). Probes of what a classifier reads: `shapes` (n,) draws other shapes
+    in the classes' colours; `random_colours` gives every object a random colour."""
     rng = np.random.default_rng(seed)
     y = rng.permutation(np.arange(n) % 10)
     cx, cy, r = rng.uniform(0.35, 0.65, (3, n, 1, 1)) * np.array([1, 1, 0.5])[:, None, None, None]
@@ -127,8 +129,13 @@ def make_shapes(n=10_000, size=32, seed=0):
     colours = np.array([[230, 40, 40], [40, 200, 60], [60, 90, 240], [240, 220, 40],
                         [240, 240, 240], [240, 130, 20], [170, 60, 220], [40, 220, 220],
                         [230, 60, 170], [150, 110, 60]])
+    colour = colours[y]                                                    # (n, 3)
+    if random_colours:  # a stream of its own: the images are otherwise the same
+        colour = np.random.default_rng([seed, 1]).uniform(40, 255, (n, 3))
+    drawn = y if shapes is None else np.asarray(shapes)
     g = (np.arange(size) + 0.5) / size
     img = np.empty((n, 3, size, size), np.uint8)
+    object_masks = np.empty((n, size, size), bool)
     for lo in range(0, n, 512):
         s = slice(lo, lo + 512)
         dx, dy, r_ = g[None, None, :] - cx[s], g[None, :, None] - cy[s], r[s]      # (n', S, S) each
@@ -141,10 +148,13 @@ def make_shapes(n=10_000, size=32, seed=0):
                  (box < r_) & (np.sin(dy * 40 + ph[s]) > 0),               # textured square patches
                  (box < r_) & (np.sin(dx * 40 + ph[s]) > 0),
                  (box < r_) & ((np.sin(dx * 30 + ph[s]) > 0) ^ (np.sin(dy * 30) > 0))]
-        mask = np.choose(y[s, None, None], masks)                           # each image its class's
+        mask = np.choose(drawn[s, None, None], masks)                       # each image its shape
         noise = rng.uniform(0, 40, (len(mask), 1, size, size))
-        img[s] = (mask[:, None] * colours[y[s]][:, :, None, None] * light[s] + noise).clip(0, 255)
-    return ArrayDataset(img, y, 10, "shapes")
+        img[s] = (mask[:, None] * colour[s, :, None, None] * light[s] + noise).clip(0, 255)
+        object_masks[s] = mask
+    ds = ArrayDataset(img, y, 10, "shapes")
+    ds.masks = object_masks
+    return ds
 
 
 def download(url, dest, md5):

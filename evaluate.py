@@ -1,15 +1,18 @@
 """
 Score a checkpoint's samples with a small classifier trained on the same data (shapes,
-Fashion-MNIST, CIFAR-10): the class accuracy of class-conditional samples, and a Fréchet distance
-between samples and the test split in the classifier's 64-d features. The FD is a proxy for sample
-quality, NOT FID: other network, other features, few samples. It comes with its noise: the FDs of
-two disjoint halves.
+Fashion-MNIST, CIFAR-10): the class accuracy of class-conditional samples and the mean
+log-probability of the class asked for, and the KID (kernel inception distance: an unbiased MMD^2
+under a cubic kernel) between samples and the test split in the classifier's 64-d features, with its
+spread over disjoint subsets. The KID is a proxy for sample quality, NOT FID: other network, other
+features. The classifier is trained on images whose colours are re-drawn at random, so that it reads
+shapes: on the built-in shapes it is checked to score near chance on discs in the classes' colours
+and near 100% on real shapes in random colours (the probes, printed when it is trained).
 
     python evaluate.py --ckpt runs/default/ckpt.pt                  # 20 samples per class
     python evaluate.py --ckpt CKPT --per-class 100 --classifier-seed 1 --json eval.json
 
 The classifier is trained once per (data, image size, seed) on the training split and cached beside
-the data (--data-dir); the test split is used only for its accuracy and the FD reference.
+the data (--data-dir); the test split is used only for its accuracy and the KID reference.
 """
 import json
 import time
@@ -21,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import race_dit as R
-from data import load_data, to_uint8
+from data import load_data, make_shapes, to_uint8
 from pictures import save_grid
 from runs import Parser, atomic_write, require, run_main, writable_folder
 from sample import generate, load_model
@@ -47,31 +50,42 @@ class Classifier(nn.Module):
         return f, self.head(f)
 
 
-def frechet_distance(mu1, cov1, mu2, cov2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), with symmetric square roots
-    (float64)."""
-    def sqrtm(a):
-        w, v = np.linalg.eigh((a + a.T) / 2)
-        return (v * np.sqrt(w.clip(min=0))) @ v.T
-    root = sqrtm(cov1)
-    cross = np.sqrt(np.linalg.eigvalsh(root @ cov2 @ root).clip(min=0)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * cross)
+def recolour(x, g):
+    """uint8 RGB images (B, 3, H, W) -> float, each image's channels mixed by its own random
+    non-negative 3x3 matrix (rows summing to a gain in 0.5..1.5): no colour names a class."""
+    m = torch.rand(len(x), 3, 3, generator=g)
+    m = m / m.sum(2, keepdim=True) * (0.5 + torch.rand(len(x), 3, 1, generator=g))
+    return torch.einsum("bij,bjhw->bihw", m, x.float()).clamp(0, 255)
 
 
-def mean_and_cov(features):
-    f = np.asarray(features, np.float64)
-    return f.mean(0), np.cov(f, rowvar=False)
+def kid(a, b):
+    """Unbiased MMD^2 between feature sets a (m, d) and b (n, d) under the kernel (x.y / d + 1)^3
+    (Binkowski et al., 2018): 0 in expectation when both come from one distribution."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    k = lambda u, v: (u @ v.T / a.shape[1] + 1) ** 3
+    within = lambda kk: (kk.sum() - np.trace(kk)) / (len(kk) * (len(kk) - 1))
+    return float(within(k(a, a)) + within(k(b, b)) - 2 * k(a, b).mean())
+
+
+def shape_probes(net, image_size, n=1000):
+    """On the built-in shapes: the accuracy on discs drawn in each class's colour (chance is 0.1:
+    a classifier of shapes calls them all discs) and on real shapes in random colours."""
+    accuracy = lambda ds: float((net(torch.from_numpy(ds.x))[1].argmax(1).numpy() == ds.y).mean())
+    with torch.no_grad():
+        colour_only = make_shapes(n, image_size, seed=2, shapes=np.zeros(n, int))
+        recoloured = make_shapes(n, image_size, seed=3, random_colours=True)
+        return dict(colour_only=accuracy(colour_only), recoloured=accuracy(recoloured))
 
 
 class Evaluator:
-    """A classifier of the data's training split (trained once, cached) and the test split's feature
-    statistics; score(images, labels) -> class accuracy and FD proxy."""
+    """A classifier of the data's training split (trained once, cached) and test-split features;
+    score(images, labels) -> class accuracy, mean log-probability of the class asked for, KID."""
 
-    def __init__(self, data, data_dir="data", image_size=32, seed=0, epochs=3, log=print,
-                 cache_dir=None):
+    def __init__(self, data, data_dir="data", image_size=32, seed=0, epochs=10, log=print,
+                 cache_dir=None, reference=2000):
         require(data in SUPPORTED, f"the evaluator needs one of {', '.join(SUPPORTED)} "
                                    f"(a test split), not {data!r}")
-        cache = Path(cache_dir or data_dir) / f"classifier-{data}-{image_size}-seed{seed}.pt"
+        cache = Path(cache_dir or data_dir) / f"evaluator-{data}-{image_size}-seed{seed}.pt"
         test = load_data(data, data_dir, image_size, "test")
         self.channels = test[0][0].shape[0]
         with torch.random.fork_rng():                                # the caller's RNG is untouched
@@ -80,8 +94,8 @@ class Evaluator:
         if cache.exists():
             saved = torch.load(cache, map_location="cpu", weights_only=True)
             self.net.load_state_dict(saved["net"])
-            self.test_accuracy, self.scale = saved["test_accuracy"], saved["scale"].numpy()
-            self.ref = saved["mu"].numpy(), saved["cov"].numpy()
+            self.test_accuracy, self.probes = saved["test_accuracy"], saved["probes"]
+            self.scale, self.ref = saved["scale"].numpy(), saved["ref"].numpy()
             return
         tick = time.time()
         train_set = load_data(data, data_dir, image_size, "train")
@@ -92,26 +106,30 @@ class Evaluator:
         for _ in range(epochs):
             for idx in torch.randperm(len(x), generator=g).split(128):
                 flip = torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5
-                xb = torch.where(flip, x[idx].flip(-1), x[idx])
-                loss = F.cross_entropy(self.net(xb)[1], y[idx])         # flips: the generator's too
+                xb = torch.where(flip, x[idx].flip(-1), x[idx])  # flips: the generator's too
+                xb = recolour(xb, g) if self.channels == 3 else xb
+                loss = F.cross_entropy(self.net(xb)[1], y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         self.net.eval()
         feats, logits = self.features(np.asarray(test.x))
         self.test_accuracy = float((logits.argmax(1) == test.y).mean())
-        # FD in units of each feature's spread on real data; features (almost) dead on real data are
-        # left out, since dividing by their tiny spread would let them dominate.
+        self.probes = shape_probes(self.net, image_size) if data == "shapes" else {}
+        # KID in units of each feature's spread on real data; features (almost) dead on real data
+        # are left out, since dividing by their tiny spread would let them dominate.
         std = feats.std(0)
         self.scale = np.where(std > 0.01 * np.median(std), std, np.inf)
-        self.ref = mean_and_cov(feats / self.scale)
+        pick = np.random.default_rng(seed).permutation(len(feats))[:reference]
+        self.ref = feats[pick] / self.scale                               # (reference, 64)
         state = dict(net=self.net.state_dict(), test_accuracy=self.test_accuracy,
-                     scale=torch.from_numpy(self.scale), mu=torch.from_numpy(self.ref[0]),
-                     cov=torch.from_numpy(self.ref[1]))
+                     probes=self.probes, scale=torch.from_numpy(self.scale),
+                     ref=torch.from_numpy(self.ref))
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache, lambda tmp: torch.save(state, tmp))
+        probes = "".join(f", {k} {v:.3f}" for k, v in self.probes.items())
         log(f"evaluator: trained a {data} classifier (seed {seed}) in {time.time() - tick:.0f} s, "
-            f"test accuracy {self.test_accuracy:.3f}; cached in {cache}")
+            f"test accuracy {self.test_accuracy:.3f}{probes}; cached in {cache}")
 
     @torch.no_grad()
     def features(self, x):
@@ -120,18 +138,19 @@ class Evaluator:
         out = [self.net(torch.from_numpy(np.array(b))) for b in chunks]
         return torch.cat([f for f, _ in out]).numpy(), torch.cat([lg for _, lg in out]).numpy()
 
-    def score(self, images, labels):
+    def score(self, images, labels, subsets=4):
         """images: uint8 (N, H, W, 3) as sample.py and train.py write them; labels (N,) the classes
-        asked for. Returns the class accuracy and the FD proxy of all samples and of two disjoint
-        halves."""
+        asked for. Returns the class accuracy, the mean log-probability of the class asked for, and
+        the KID of all samples against the reference with the standard deviation of the KIDs of
+        `subsets` disjoint parts (each against its own part of the reference)."""
         x = images.transpose(0, 3, 1, 2)[:, :self.channels]           # grey samples were replicated
         feats, logits = self.features(x)
         feats = feats / self.scale
-        half = np.arange(len(x)) % 2 == 0                  # alternate: both halves hold every class
-        fd = lambda m: frechet_distance(*mean_and_cov(feats[m]), *self.ref)
-        return dict(accuracy=float((logits.argmax(1) == labels).mean()),
-                    fd=fd(np.ones(len(x), bool)), fd_half_a=fd(half), fd_half_b=fd(~half), n=len(x),
-                    classifier_test_accuracy=self.test_accuracy)
+        logp = torch.from_numpy(logits).log_softmax(1)[torch.arange(len(x)), labels]
+        parts = [kid(feats[i::subsets], self.ref[i::subsets]) for i in range(subsets)]
+        return dict(accuracy=float((logits.argmax(1) == labels).mean()), logp=float(logp.mean()),
+                    kid=kid(feats, self.ref), kid_std=float(np.std(parts, ddof=1)), n=len(x),
+                    classifier_test_accuracy=self.test_accuracy, **self.probes)
 
 
 def main(argv=None):

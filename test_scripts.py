@@ -640,12 +640,33 @@ def test_a_reference_dit_state_dict_samples(ckpt, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 # evaluate.py
 
-def test_frechet_distance_of_known_gaussians():
-    d, mu = 5, np.arange(5.0)
-    assert evaluate.frechet_distance(mu, np.eye(d), mu, np.eye(d)) == pytest.approx(0, abs=1e-9)
-    # N(mu, I) vs N(0, 4I): |mu|^2 + tr(I + 4I - 2 * 2I) = |mu|^2 + d
-    fd = evaluate.frechet_distance(mu, np.eye(d), 0 * mu, 4 * np.eye(d))
-    assert fd == pytest.approx(mu @ mu + d)
+def brute_force_kid(a, b):
+    """The unbiased MMD^2 written out pair by pair."""
+    k = lambda u, v: (float(u @ v) / len(u) + 1) ** 3
+    m, n = len(a), len(b)
+    within = lambda s: sum(k(s[i], s[j]) for i in range(len(s)) for j in range(len(s)) if i != j)
+    cross = sum(k(u, v) for u in a for v in b)
+    return within(a) / (m * (m - 1)) + within(b) / (n * (n - 1)) - 2 * cross / (m * n)
+
+
+def test_kid_is_the_unbiased_mmd_zero_for_one_distribution_and_exact_for_a_shift():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((6, 3)), rng.standard_normal((5, 3)) + 0.5
+    assert evaluate.kid(a, b) == pytest.approx(brute_force_kid(a, b))
+    # Unbiased: over many small samples of one distribution the mean is 0 (a V-statistic is not).
+    same = [evaluate.kid(rng.standard_normal((10, 4)), rng.standard_normal((10, 4)))
+            for _ in range(400)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / math.sqrt(400)
+    # 1-d, N(0, 1) against N(1, 1) under (xy + 1)^3: E k(x, x') = 4, E k(y, y') = 32, E k(x, y) = 7.
+    x, y = rng.standard_normal((3000, 1)), rng.standard_normal((3000, 1)) + 1
+    assert evaluate.kid(x, y) == pytest.approx(4 + 32 - 2 * 7, rel=0.1)
+
+
+def test_the_shapes_classifier_reads_shapes_not_colours(tmp_path):
+    ev = evaluate.Evaluator("shapes", tmp_path, 16, log=lambda *a: None)
+    assert ev.test_accuracy > 0.98
+    assert ev.probes["colour_only"] < 0.2                                 # chance: 0.1
+    assert ev.probes["recoloured"] >= 0.95
 
 
 def separable(n, seed):
@@ -659,7 +680,7 @@ def test_evaluator_scores_held_out_real_images_as_perfect(tmp_path):
     for split, seed in (("train", 0), ("t10k", 1)):
         write_idx(tmp_path, split, *separable(400, seed))
     ev = evaluate.Evaluator("fashion-mnist", tmp_path, epochs=25, log=lambda *a: None)
-    assert ev.test_accuracy == 1.0 and list(tmp_path.glob("classifier-*.pt"))
+    assert ev.test_accuracy == 1.0 and list(tmp_path.glob("evaluator-*.pt"))
     held, y = separable(200, 2)
     scores = ev.score(np.repeat(held[..., None], 3, axis=3), y)    # as sample.py writes grey images
     assert scores["accuracy"] == 1.0 and scores["n"] == 200
@@ -671,7 +692,7 @@ def test_evaluator_scores_held_out_real_images_as_perfect(tmp_path):
 
 def test_evaluate_command_writes_json(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "Evaluator", lambda *a, **k: type("E", (), dict(
-        score=lambda self, images, labels: dict(accuracy=0.5, fd=1.0, n=len(labels))))())
+        score=lambda self, images, labels: dict(accuracy=0.5, kid=1.0, n=len(labels))))())
     evaluate.main(["--ckpt", ckpt, "--per-class", "1", "--steps", "2",
                    "--json", str(tmp_path / "e.json")])
     scores = json.loads((tmp_path / "e.json").read_text())
@@ -702,7 +723,7 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypat
     reproduce.main(argv)
     out = capsys.readouterr().out
     assert "Table 3: threshold beats batch top-K at inference: accuracy" in out and "wrote" in out
-    assert not list(tmp_path.glob("classifier-*"))                    # the smoke run caches nothing
+    assert not list(tmp_path.glob("evaluator-*"))                     # the smoke run caches nothing
     results = json.loads((tmp_path / "res" / "results.json").read_text())
     # A rerun after an interruption: one score lost, every checkpoint on disk. Nothing is retrained;
     # the lost score is computed again from its checkpoint.

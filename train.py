@@ -378,8 +378,8 @@ def train(args):
             record.update(scores, sample_seconds=time.time() - tock)
             if scores:
                 print(f"  samples of step {done}: class accuracy {scores['accuracy']:.3f}, "
-                      f"FD proxy {scores['fd']:.2f} "
-                      f"(halves {scores['fd_half_a']:.2f} / {scores['fd_half_b']:.2f})")
+                      f"log p {scores['logp']:.3f}, KID {scores['kid']:.3f} "
+                      f"(subsets ± {scores['kid_std']:.3f})")
         if rank == 0:
             with open(metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")

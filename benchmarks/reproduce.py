@@ -9,11 +9,13 @@ does PLR help where its motivation applies, in a deep narrow model (S5)?
 Every run uses train.py's small-scale recipe (built-in 16x16 shapes, XS/4, lr 1e-3, batch 64, EMA),
 the same budget and seeds 0..N-1; every MoE is 2in8 with granularity 2, so its activated compute
 equals the dense MLP's. Per run: held-out epsilon-MSE on the test split at fixed (noise, timestep)
-per image; evaluate.py's class accuracy and FD proxy of --samples-per-class samples per class (DDIM,
-guidance 2); MaxVio and combination usage (Table 2) from the last training logs; experts per token
-by sampling timestep (Fig. 6); for the deep pair, each block's contribution relative to the residual
-stream. Each claim gets a verdict: a difference larger than 2 standard errors over seeds supports or
-contradicts it, a smaller one cannot resolve it. Finished runs are skipped, interrupted ones resume.
+per image; evaluate.py's class accuracy, log-probability of the class asked for and KID of
+--samples-per-class samples per class (DDIM, guidance 2); MaxVio and combination usage (Table 2)
+from the last training logs; experts per token by sampling timestep (Fig. 6); for the deep pair,
+each block's contribution relative to the residual stream. Each claim and metric gets a paired
+t-test over seeds (the runs of one seed share initial weights, data order, t and noise), Holm-
+corrected over the table: supports, contradicts, or no detectable effect with the smallest effect
+the seeds could have detected. Finished runs are skipped, interrupted ones resume.
 """
 import json
 import math
@@ -62,7 +64,7 @@ CLAIMS = [("Table 6: race beats token-choice", "race full recipe (+RSL)", "token
           ("Table 3: PLR helps", "race +threshold +PLR", "race identity +threshold"),
           ("Table 3: RSL helps", "race full recipe (+RSL)", "race +threshold +PLR"),
           ("S5: PLR helps a deep narrow model", "deep race +PLR", "deep race -PLR")]
-METRICS = {"accuracy": 1, "fd": -1, "heldout_mse": -1}                  # +1: higher is better
+METRICS = {"accuracy": 1, "logp": 1, "kid": -1, "heldout_mse": -1}  # +1: higher is better
 COLOURS = [(0, 0, 0), (220, 50, 50), (50, 120, 220), (30, 160, 60), (230, 140, 0), (150, 60, 200),
            (0, 170, 170), (120, 120, 120), (200, 0, 120), (90, 60, 20)]
 
@@ -245,7 +247,7 @@ def main(argv=None):
     test = load_data(args.data, args.data_dir, args.image_size, "test")
     if args.quick:
         test.x, test.y = test.x[:200], test.y[:200]
-    epochs = 1 if args.quick else 3
+    epochs = 1 if args.quick else 10
     evaluator = Evaluator(args.data, args.data_dir, args.image_size, epochs=epochs, cache_dir=tmp)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -255,7 +257,8 @@ def main(argv=None):
         for seed in range(args.seeds):
             key = f"{name} / seed {seed}"
             run = runs / f"{(shared or name).replace(' ', '_')}_seed{seed}"
-            if results.get(key, {}).get("steps") == args.steps:
+            done = results.get(key, {})
+            if done.get("steps") == args.steps and all(k in done for k in METRICS):
                 continue
             if not ((run / "ckpt.pt").exists()
                     and load_checkpoint(run / "ckpt.pt")["step"] >= args.steps):
