@@ -15,6 +15,7 @@ The classifier is trained once per (data, image size, seed) on the training spli
 the data (--data-dir); the test split is used only for its accuracy and the KID reference.
 """
 import json
+import math
 import time
 from pathlib import Path
 
@@ -141,15 +142,17 @@ class Evaluator:
     def score(self, images, labels, subsets=4):
         """images: uint8 (N, H, W, 3) as sample.py and train.py write them; labels (N,) the classes
         asked for. Returns the class accuracy, the mean log-probability of the class asked for, and
-        the KID of all samples against the reference with the standard deviation of the KIDs of
-        `subsets` disjoint parts (each against its own part of the reference)."""
+        the KID of all samples against the reference with a standard error: the spread of the KIDs
+        of `subsets` disjoint parts (each against its own part of the reference) over
+        sqrt(subsets)."""
         x = images.transpose(0, 3, 1, 2)[:, :self.channels]           # grey samples were replicated
         feats, logits = self.features(x)
         feats = feats / self.scale
         logp = torch.from_numpy(logits).log_softmax(1)[torch.arange(len(x)), labels]
         parts = [kid(feats[i::subsets], self.ref[i::subsets]) for i in range(subsets)]
+        se = float(np.std(parts, ddof=1)) / math.sqrt(subsets)  # the KID's variance goes as 1/n
         return dict(accuracy=float((logits.argmax(1) == labels).mean()), logp=float(logp.mean()),
-                    kid=kid(feats, self.ref), kid_std=float(np.std(parts, ddof=1)), n=len(x),
+                    kid=kid(feats, self.ref), kid_se=se, n=len(x),
                     classifier_test_accuracy=self.test_accuracy, **self.probes)
 
 

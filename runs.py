@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-CKPT_FORMAT = "race-dit-checkpoint-v1"
+CKPT_FORMAT = "race-dit-checkpoint-v2"  # v2: granularity, scorer, recompute
 CKPT_KEYS = ("model", "ema", "opt", "step", "config", "args", "rng")
 
 
@@ -158,6 +158,9 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint "
                         f"({type(e).__name__}: {str(e)[:120]})") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == "race-dit-checkpoint-v1":
+        raise UserError(f"{path} was written by an earlier race-dit (checkpoint format v1, before "
+                        "the renames split -> granularity and gate -> scorer); train it anew")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path} is not a race-dit checkpoint (written by this project's train.py)")
     missing = [k for k in CKPT_KEYS if k not in ckpt]

@@ -63,7 +63,7 @@ def use_bf16(precision, device):
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def autocast(precision, device):
+def autocast_for(precision, device):
     """A context factory for --precision; on CUDA, TF32 matmuls are allowed too, as in DiT."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -140,7 +140,7 @@ def run(args, grid_max=256):
     model.to(device)
     cfg = model.cfg
     R.set_inference_routing(model, args.inference_routing)
-    precision = autocast(args.precision, device)
+    autocast = autocast_for(args.precision, device)
     labels = choose_labels(args, cfg.num_classes)
     vae = None
     if latent:
@@ -157,8 +157,8 @@ def run(args, grid_max=256):
     # --npz: each batch is saved as a part file; a rerun resumes only if the weights (by content),
     # the labels and every setting that changes an image are the same.
     parts = Path(args.npz + ".parts") if args.npz else None
-    meta = dict(weights_sha256=digest, online=args.online, routing=args.inference_routing,
-                precision=args.precision,
+    meta = dict(weights_sha256=digest, online=args.online, inference_routing=args.inference_routing,
+                precision="bf16" if use_bf16(args.precision, device) else "fp32",
                 sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
                 batch_size=args.batch_size,
                 labels_sha256=hashlib.sha256(labels.numpy().tobytes()).hexdigest(), n=len(labels))
@@ -179,7 +179,7 @@ def run(args, grid_max=256):
         if part is not None and part.exists():
             images = np.load(part)                                       # resumed: generated before
         else:
-            with precision():
+            with autocast():
                 x = generate(model, diffusion, labels[s:s + args.batch_size].to(device), s,
                              args.seed, args.steps, args.cfg_scale, clip_x0=not latent,
                              method=args.sampler, on_step=stats)

@@ -3,7 +3,6 @@ benchmarks) and of the data and file helpers they share, on tiny inputs the test
 no network."""
 import argparse
 import contextlib
-import copy
 import gzip
 import hashlib
 import json
@@ -76,9 +75,7 @@ def step_parts(argv, data_dir=None):
     ds = data.load_data(args.data, data_dir or args.data_dir, args.image_size, "train",
                         args.num_classes)
     torch.manual_seed(0)
-    model = R.RaceDiT(train.model_config(args, ds))
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    model, ema, opt = train.build(train.model_config(args, ds), args, torch.device("cpu"))
     order = data.BatchOrder(len(ds), args.batch_size, 0, 0, accum=args.grad_accum)
     return args, ds, model, ema, opt, iter(torch.utils.data.DataLoader(ds, batch_sampler=order))
 
@@ -162,6 +159,15 @@ def test_the_data_path_makes_every_tensor_on_the_batchs_device(latent):
                                                    torch.device("meta"), 1000)
     assert all(v.device.type == "meta" for v in (x0, y, t, noise))
     assert x0.shape == (4, 4 if latent else 3, 4, 4)
+
+
+def test_train_scores_its_grids_with_the_shape_classifier(tmp_path, capsys):
+    run_train(tmp_path / "run", "--eval", "on", "--data-dir", str(tmp_path), "--sample-every", "4",
+              "--grid-per-class", "2")
+    line = [s for s in capsys.readouterr().out.splitlines() if "samples of step 4" in s][0]
+    assert "class accuracy" in line and "log p" in line and "KID" in line
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["n"] == 20 and record["colour_only"] < 0.2 and record["recoloured"] >= 0.95
 
 
 def test_warmup_ramps_the_learning_rate_linearly(tmp_path):
@@ -593,6 +599,12 @@ def test_a_checkpoint_with_missing_keys_is_refused_in_one_line(tmp_path, capsys,
     expect_error(capsys, train.main, argv, "incomplete: it has no ema, rng")
 
 
+def test_a_checkpoint_of_the_earlier_format_is_named_as_such(tmp_path, capsys, ckpt):
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "format": "race-dit-checkpoint-v1"}, tmp_path / "old.pt")
+    expect_error(capsys, sample.main, ["--ckpt", str(tmp_path / "old.pt")], "earlier race-dit")
+
+
 def test_a_flag_is_never_taken_for_a_prefix_of_another(ckpt, capsys, tmp_path):
     """--routing was the old name of --inference-routing; it must fail, not write a file named
     topk."""
@@ -772,7 +784,7 @@ def test_bench_memory_estimate_equals_a_direct_measurement_of_the_full_model():
 
 
 def test_paired_statistics_against_hand_computed_cases():
-    from benchmarks.reproduce import holm, paired_test, t_quantile
+    from benchmarks.reproduce import holm, paired_test, t_cdf, t_quantile
     for p, df, table in ((0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 7, 2.365), (0.8, 7, 0.896)):
         assert t_quantile(p, df) == pytest.approx(table, abs=1e-3)       # printed t tables
     test = paired_test([1.0, 2.0, 3.0])                                   # mean 2, sd 1, n 3
@@ -781,6 +793,8 @@ def test_paired_statistics_against_hand_computed_cases():
     assert test["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-6)  # t(2)'s closed form
     half = 4.3027 / math.sqrt(3)                                          # t(2) 0.975 x se
     assert test["ci"] == pytest.approx((2 - half, 2 + half), abs=1e-3)
+    assert t_cdf(1e5, 2) == pytest.approx(1 - 0.5e-10, abs=1e-12)      # closed form at df 2
+    assert t_cdf(-3.0, 7) == pytest.approx(1 - t_cdf(3.0, 7)) and t_cdf(0.0, 3) == 0.5
     levels, rejected = holm([0.01, 0.04, 0.03, 0.005])
     assert levels == pytest.approx([0.05 / 3, 0.05, 0.05 / 2, 0.05 / 4])
     assert rejected == [True, False, False, True]                        # 0.03 > 0.025 stops it
@@ -835,7 +849,6 @@ def test_the_torch_floor_is_the_first_release_with_every_api_the_code_calls():
     floors = [re.search(r"torch>=([0-9.]+)", (ROOT / f).read_text()).group(1)
               for f in ("requirements.txt", ".ci/run")]
     assert floors == ["2.10", "2.10"] and "torch 2.10" in (ROOT / "README.md").read_text()
-    assert hasattr(F, "grouped_mm")
 
 
 def test_soak_reports_flat_memory_and_no_ema_graph(capsys):

@@ -33,7 +33,7 @@ from pictures import plot_losses, save_grid
 from runs import (AT_LEAST_ZERO, DECAY, POSITIVE, POSITIVE_NUMBER, SEED, STEPS, WEIGHT, Diverged,
                   Parser, UserError, keep_metrics, load_checkpoint, locked, require, run_main,
                   save_checkpoint)
-from sample import autocast as precision_context, generate
+from sample import autocast_for, generate
 
 
 def parse_args(argv=None, prog="train.py"):
@@ -121,6 +121,15 @@ def check_resume(ckpt, cfg, args, world):
 
 # --------------------------------------------------------------------------------------------------
 # The training step
+
+def build(cfg, args, device):
+    """The model, its EMA copy and AdamW, as every run starts them."""
+    model = R.RaceDiT(cfg).to(device)
+    model.recompute = args.recompute
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    return model, ema, opt
+
 
 def device_batches(raw, ds, device, num_timesteps):
     """Loader batches [(x, y)] -> micro-batches [(x0, y, t, noise)] on the device. The copies come
@@ -305,14 +314,11 @@ def train(args):
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     if cuda:
         torch.cuda.set_device(device)
-    autocast = precision_context(args.precision, device)
+    autocast = autocast_for(args.precision, device)
 
     # 2. Model, EMA copy, optimizer; an exact resume restores all three and every RNG stream.
     torch.manual_seed(args.seed * 1000 + rank)
-    model = R.RaceDiT(cfg).to(device)
-    model.recompute = args.recompute
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    model, ema, opt = build(cfg, args, device)
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -379,7 +385,7 @@ def train(args):
             if scores:
                 print(f"  samples of step {done}: class accuracy {scores['accuracy']:.3f}, "
                       f"log p {scores['logp']:.3f}, KID {scores['kid']:.3f} "
-                      f"(subsets ± {scores['kid_std']:.3f})")
+                      f"± {scores['kid_se']:.3f}")
         if rank == 0:
             with open(metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")

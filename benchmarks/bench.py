@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
 from runs import Parser, atomic_write  # noqa: E402
-from sample import autocast, use_bf16  # noqa: E402
+from sample import autocast_for, use_bf16  # noqa: E402
 
 DEFAULT = "S/2:dense,S/2:race:2in8,S/2:race:4in16,S/2:race:8in32,S/2:token:2in8,S/2:expert:2in8"
 
@@ -155,7 +155,7 @@ def main(argv=None):
             atomic_write(Path(args.json),
                          lambda tmp: tmp.write_text(json.dumps(dict(memory=rows), indent=1)))
         return
-    bf16, autocast_ = use_bf16(args.precision, device), autocast(args.precision, device)
+    bf16, autocast = use_bf16(args.precision, device), autocast_for(args.precision, device)
     torch.manual_seed(0)
     specs = args.models.split(",")
     models = {s: build(s, args, device) for s in specs}
@@ -167,7 +167,7 @@ def main(argv=None):
 
     def train_step(s):
         models[s].train()
-        with autocast_(), saved_for_backward() as seen:
+        with autocast(), saved_for_backward() as seen:
             losses, _ = diffusion.training_losses(models[s], x0, y)
         opts[s].zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -177,7 +177,7 @@ def main(argv=None):
     @torch.no_grad()
     def infer(s):
         models[s].eval()
-        with autocast_():
+        with autocast():
             return models[s](x0, torch.full((B,), 500, device=device), y, return_aux=True)[1]
 
     times = {s: dict(train=[], infer=[]) for s in specs}

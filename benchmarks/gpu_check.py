@@ -6,7 +6,7 @@ One command for whoever has a GPU for a few minutes (about 5 minutes on one H100
 1. grouped GEMM vs the loop over experts in bf16, forward and backward, with an expert that
    gets no rows;
 2. train.py's own step (latent data through the pinned loader, accumulation, AdamW, the thresholds
-   averaged over a one-process group, the EMA) at B/2-2in8, batch 32, under
+   averaged over a one-process group, the EMA) at B/2-2in8, 2 micro-batches of 32, under
    torch.cuda.set_sync_debug_mode("error"), with and without --recompute;
 3. 50 bf16 steps of that step at batch 256: the loss must fall;
 4. bench.py: B/2 dense vs race vs token at batch 256 (images/s, peak memory);
@@ -17,7 +17,6 @@ The JSON is rewritten after every stage, so a crash keeps the stages before it.
 to run without CUDA.
 """
 import argparse
-import copy
 import gc
 import json
 import shutil
@@ -36,7 +35,7 @@ import train  # noqa: E402
 from benchmarks import bench  # noqa: E402
 from data import BatchOrder, load_data  # noqa: E402
 from runs import Parser, atomic_write  # noqa: E402
-from sample import autocast  # noqa: E402
+from sample import autocast_for  # noqa: E402
 
 TINY = dict(model="XS/8", big="XS/8", batch=4, sync_batch=4, steps=6, size=8, limit=8)
 FULL = dict(model="B/2", big="XL/2", batch=256, sync_batch=32, steps=50, size=32, limit=4096)
@@ -60,30 +59,28 @@ class Run:
     """What train.py builds for a latent run: flags, data, model, EMA copy, AdamW, loader,
     precision."""
 
-    def __init__(self, name, experts, batch, size, device, folder):
-        n = max(2 * batch, 64)
+    def __init__(self, name, experts, batch, size, device, folder, grad_accum=1):
+        n = max(2 * batch * grad_accum, 64)
         rng = np.random.default_rng(0)
         np.save(folder / "moments.npy",
                 rng.standard_normal((n, 2, 8, size, size), dtype=np.float32))
         np.save(folder / "labels.npy", rng.integers(0, 1000, n))
         self.args = train.parse_args(["--data", "latents", "--data-dir", str(folder),
                                       "--model", name, "--experts", experts,
-                                      "--batch-size", str(batch)])
+                                      "--batch-size", str(batch), "--grad-accum", str(grad_accum)])
         self.ds = load_data("latents", str(folder), num_classes=1000)
         cfg = train.model_config(self.args, self.ds)
-        with torch.device(device):                                      # 2.8B parameters in seconds
-            self.model = R.RaceDiT(cfg)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.args.lr, weight_decay=0)
-        order = BatchOrder(len(self.ds), batch, 0, 0)
+        with torch.device(device):                         # built there: 2.8B parameters in seconds
+            self.model, self.ema, self.opt = train.build(cfg, self.args, device)
+        order = BatchOrder(len(self.ds), batch, 0, 0, accum=grad_accum)
         self.loader = iter(torch.utils.data.DataLoader(self.ds, batch_sampler=order,
                                                        pin_memory=device.type == "cuda"))
         self.device, self.diffusion = device, R.Diffusion()
-        self.autocast, self.step = autocast("bf16", device), 0
+        self.autocast, self.step = autocast_for("bf16", device), 0
 
     def train_step(self, sync_check=False):
         """train.py's data path and step; the loader's own work (CPU index lists) comes first."""
-        raw = [next(self.loader)]
+        raw = [next(self.loader) for _ in range(self.args.grad_accum)]
         check = sync_check and self.device.type == "cuda"
         if check:
             torch.cuda.set_sync_debug_mode("error")
@@ -160,7 +157,7 @@ def main(argv=None):
     # A one-process group, so that the step averages the thresholds as under torchrun.
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder / 'store'}",
                             rank=0, world_size=1)
-    run = Run(s["model"], "2in8", s["sync_batch"], s["size"], device, folder)
+    run = Run(s["model"], "2in8", s["sync_batch"], s["size"], device, folder, grad_accum=2)
     sync = {}
     for recompute in (False, True):
         run.model.recompute = recompute

@@ -32,10 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import race_dit as R  # noqa: E402
 import train  # noqa: E402
-from data import load_data, to_model_input  # noqa: E402
+from data import load_data, to_uint8  # noqa: E402
 from evaluate import Evaluator  # noqa: E402
-from data import to_uint8  # noqa: E402
-from pictures import line_chart, experts_chart, save_grid  # noqa: E402
+from pictures import experts_chart, line_chart, save_grid  # noqa: E402
 from runs import Parser, atomic_write, load_checkpoint  # noqa: E402
 from sample import generate, load_model  # noqa: E402
 
@@ -88,9 +87,9 @@ def block_contributions(model, x0, y, d):
 
 
 @torch.no_grad()
-def score(ckpt_path, routing, test, evaluator, args):
+def score(ckpt_path, inference_routing, test, evaluator, args):
     model, ckpt = load_model(ckpt_path)
-    R.set_inference_routing(model, routing)
+    R.set_inference_routing(model, inference_routing)
     d = R.Diffusion()
     g = torch.Generator().manual_seed(1234)                           # the same noise for every run
     x = torch.from_numpy(np.array(test.x)).float() / 127.5 - 1
@@ -105,10 +104,11 @@ def score(ckpt_path, routing, test, evaluator, args):
                           "ddim", stats))
         for i in range(0, len(labels), 250)])
     records = [json.loads(line) for line in open(Path(ckpt_path).parent / "metrics.jsonl")]
-    out = dict(heldout_mse=mse / len(x), steps=ckpt["step"], routing=routing,
+    out = dict(heldout_mse=mse / len(x), steps=ckpt["step"],
+               inference_routing=inference_routing,
                curve=[(r["step"], r["mse"]) for r in records],
                **evaluator.score(images, labels.numpy()),
-               contributions=block_contributions(model, to_model_input(x[:256], test), y[:256], d))
+               contributions=block_contributions(model, x[:256], y[:256], d))
     if stats.sums:
         out.update(stats.result(), max_vio=float(np.mean([r["max_vio"] for r in records[-5:]])),
                    comb_usage=float(np.mean([r["comb_usage"] for r in records[-5:]])))
@@ -116,14 +116,16 @@ def score(ckpt_path, routing, test, evaluator, args):
     return out, grid
 
 
-def t_cdf(x, df, intervals=4000):
-    """Student's t distribution function, by Simpson's rule on its density from 0 to |x|."""
+def t_cdf(x, df, intervals=2000):
+    """Student's t distribution function. With u = sqrt(df) tan(a) its density integrates as
+    c sqrt(df) cos(a)^(df - 1) over a bounded angle, which Simpson's rule handles for any |x|."""
     c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    pdf = lambda u: math.exp(c - (df + 1) / 2 * math.log1p(u * u / df))
-    h = abs(x) / intervals
-    area = h / 3 * sum((1 if i in (0, intervals) else 4 if i % 2 else 2) * pdf(i * h)
+    top = math.atan(abs(x) / math.sqrt(df))
+    h = top / intervals
+    f = lambda a: math.cos(a) ** (df - 1)
+    area = h / 3 * sum((1 if i in (0, intervals) else 4 if i % 2 else 2) * f(i * h)
                        for i in range(intervals + 1))
-    return 0.5 + math.copysign(area, x)
+    return min(1.0, 0.5 + math.exp(c) * math.sqrt(df) * area) if x >= 0 else 1 - t_cdf(-x, df)
 
 
 def t_quantile(p, df):
@@ -166,11 +168,13 @@ def verdicts(results, names, seeds, alpha=0.05, power=0.8):
     with the smallest effect the seeds could have detected (at the level it was judged and 80%
     power)."""
     rows = {n: [results[f"{n} / seed {s}"] for s in range(seeds)] for n in names}
+    metrics = {k: sign for k, sign in METRICS.items()  # scores of an older evaluator may lack some
+               if all(k in r for rs in rows.values() for r in rs)}
     table = {n: {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs], ddof=1)))
-                 for k in METRICS} for n, rs in rows.items()}
+                 for k in metrics} for n, rs in rows.items()}
     tests = [(claim, a, b, k, paired_test([sign * (ra[k] - rb[k])  # > 0: as the paper says
                                            for ra, rb in zip(rows[a], rows[b])]))
-             for claim, a, b in CLAIMS if a in rows and b in rows for k, sign in METRICS.items()]
+             for claim, a, b in CLAIMS if a in rows and b in rows for k, sign in metrics.items()]
     levels, rejected = holm([test["p"] for *_, test in tests], alpha)
     claims = {}
     for (claim, a, b, k, test), level, reject in zip(tests, levels, rejected):
@@ -253,7 +257,7 @@ def main(argv=None):
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     names = args.methods.split(",")
     for name in names:
-        flags, routing, shared = METHODS[name]
+        flags, inference_routing, shared = METHODS[name]
         for seed in range(args.seeds):
             key = f"{name} / seed {seed}"
             run = runs / f"{(shared or name).replace(' ', '_')}_seed{seed}"
@@ -269,7 +273,7 @@ def main(argv=None):
                             "--log-every", str(every["log"]), "--save-every", str(every["save"]),
                             "--out", str(run),
                             *(["--resume"] if (run / "ckpt.pt").exists() else []), *flags])
-            results[key], grid = score(run / "ckpt.pt", routing, test, evaluator, args)
+            results[key], grid = score(run / "ckpt.pt", inference_routing, test, evaluator, args)
             if seed == 0:
                 save_grid(grid, out / f"grid_{name.replace(' ', '_')}.png", nrow=10)
             atomic_write(results_path,

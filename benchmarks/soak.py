@@ -6,7 +6,6 @@ that does not vanish; a week-long run needs all three flat.
 
     python benchmarks/soak.py --steps 5000 --every 500
 """
-import copy
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ import race_dit as R  # noqa: E402
 import train  # noqa: E402
 from data import BatchOrder, load_data  # noqa: E402
 from runs import Parser, atomic_write  # noqa: E402
-from sample import autocast  # noqa: E402
+from sample import autocast_for  # noqa: E402
 
 
 def rss_mib():
@@ -62,17 +61,15 @@ def main(argv=None):
     torch.manual_seed(0)
     run = train.parse_args(["--model", "XS/8", "--batch-size", "8", "--image-size", "16"])
     ds = load_data("shapes", image_size=16)
-    model = R.RaceDiT(train.model_config(run, ds))
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0)
+    model, ema, opt = train.build(train.model_config(run, ds), run, torch.device("cpu"))
     loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=BatchOrder(len(ds), 8, 0, 0)))
     diffusion, device = R.Diffusion(), torch.device("cpu")
-    precision = autocast("auto", torch.device("cpu"))
+    autocast = autocast_for("auto", torch.device("cpu"))
     rows, tick = [], time.perf_counter()
     print(f"{'step':>7s} {'RSS MiB':>9s} {'EMA autograd nodes':>19s} {'ms/step':>8s}")
     for step in range(args.steps):
         micro = train.device_batches([next(loader)], ds, device, diffusion.num_timesteps)
-        train.train_step(model, model, ema, opt, diffusion, micro, step, run, precision)
+        train.train_step(model, model, ema, opt, diffusion, micro, step, run, autocast)
         if (step + 1) % args.every == 0:
             ms = 1e3 * (time.perf_counter() - tick) / args.every
             rows.append(dict(step=step + 1, rss_mib=rss_mib(),
