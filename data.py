@@ -118,9 +118,9 @@ def make_shapes(n=10_000, size=32, seed=0, shapes=None, random_colours=False):
     """Built-in data: 10 classes, each a fixed shape in a fixed colour (disc, square, ring, diamond,
     cross, triangle, two discs, and square patches of horizontal stripes, vertical stripes or
     checks) with random position, size and brightness on a noisy dark background. Deterministic by
-    seed; rendered in chunks so that memory stays bounded at large sizes. Probes of what a
-    classifier reads: `shapes` (n,) draws other shapes in the classes' colours; `random_colours`
-    gives every object a random colour."""
+    seed; rendered in chunks so that memory stays bounded at large sizes. The object masks are kept
+    (`masks`, (n, size, size)). Probes of what a classifier reads: `shapes` (n,) draws other shapes
+    in the classes' colours; `random_colours` gives every object a random colour."""
     rng = np.random.default_rng(seed)
     y = rng.permutation(np.arange(n) % 10)
     cx, cy, r = rng.uniform(0.35, 0.65, (3, n, 1, 1)) * np.array([1, 1, 0.5])[:, None, None, None]
@@ -135,6 +135,7 @@ def make_shapes(n=10_000, size=32, seed=0, shapes=None, random_colours=False):
     drawn = y if shapes is None else np.asarray(shapes)
     g = (np.arange(size) + 0.5) / size
     img = np.empty((n, 3, size, size), np.uint8)
+    object_masks = np.empty((n, size, size), bool)
     for lo in range(0, n, 512):
         s = slice(lo, lo + 512)
         dx, dy, r_ = g[None, None, :] - cx[s], g[None, :, None] - cy[s], r[s]      # (n', S, S) each
@@ -150,7 +151,10 @@ def make_shapes(n=10_000, size=32, seed=0, shapes=None, random_colours=False):
         mask = np.choose(drawn[s, None, None], masks)                       # each image its shape
         noise = rng.uniform(0, 40, (len(mask), 1, size, size))
         img[s] = (mask[:, None] * colour[s, :, None, None] * light[s] + noise).clip(0, 255)
-    return ArrayDataset(img, y, 10, "shapes")
+        object_masks[s] = mask
+    ds = ArrayDataset(img, y, 10, "shapes")
+    ds.masks = object_masks                        # where the object is: the critical-token measure
+    return ds
 
 
 def download(url, dest, md5):

@@ -30,7 +30,7 @@ import race_dit as R
 import runs
 import sample
 import train
-from conftest import FAST, run_train
+from conftest import FAST, randomize_zero_init, run_train
 
 ROOT = Path(__file__).parent
 
@@ -806,6 +806,29 @@ def test_paired_statistics_against_hand_computed_cases():
     levels, rejected = holm([0.01, 0.04, 0.03, 0.005])
     assert levels == pytest.approx([0.05 / 3, 0.05, 0.05 / 2, 0.05 / 4])
     assert rejected == [True, False, False, True]                        # 0.03 > 0.025 stops it
+
+
+def test_the_critical_token_slope_holds_position_and_timestep_fixed():
+    from benchmarks.reproduce import within_cell_slope
+    rng = np.random.default_rng(0)
+    images, positions = 400, 16
+    cells = np.broadcast_to(np.arange(positions), (images, positions))
+    centre = np.exp(-((np.arange(positions) - 7.5) / 4) ** 2)            # objects sit in the middle
+    fraction = (centre * rng.uniform(0, 1, (images, positions))).clip(0, 1)
+    by_position = 1 + 2 * centre + 0.1 * rng.standard_normal((images, positions))
+    only_position = within_cell_slope(by_position, fraction, cells)       # experts follow position
+    assert only_position["raw_slope"] > 1 and only_position["ci"][0] < 0 < only_position["ci"][1]
+    real = within_cell_slope(by_position + 0.5 * fraction, fraction, cells)
+    assert real["slope"] == pytest.approx(0.5, abs=0.1) and real["ci"][0] > 0.3
+
+
+def test_token_choice_gives_every_patch_the_same_experts():
+    from benchmarks.reproduce import experts_by_object
+    cfg = R.make_config("S/2", "2in8", routing="token", input_size=8, in_channels=3, depth=2,
+                        hidden_size=32, num_heads=4, num_classes=10)
+    model = randomize_zero_init(R.RaceDiT(cfg)).eval()
+    result = experts_by_object(model, data.make_shapes(n=20, size=8), timesteps=(10, 500), n=20)
+    assert result["slope"] == 0 and result["raw_slope"] == pytest.approx(0, abs=1e-9)
 
 
 GPU_CHECK_STAGES = {"device", "torch", "seconds", "grouped_vs_loop", "grouped_mm_chosen",
