@@ -191,6 +191,14 @@ def test_warmup_ramps_the_learning_rate_linearly(tmp_path):
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
 
 
+def test_the_cosine_schedule_decays_to_zero_at_the_last_step():
+    args = train.parse_args(["--lr", "1e-3", "--warmup", "0", "--steps", "100",
+                             "--lr-schedule", "cosine"])
+    lrs = [train.learning_rate(s, args) for s in (0, 25, 50, 75, 100)]
+    c = 2 ** -0.5                                                          # cos(pi / 4)
+    assert lrs == pytest.approx([1e-3, 1e-3 * (1 + c) / 2, 5e-4, 1e-3 * (1 - c) / 2, 0])
+
+
 def test_gradient_accumulation_equals_one_big_batch_for_a_dense_model():
     from conftest import tiny
     import race_dit as R

@@ -60,6 +60,8 @@ def parse_args(argv=None, prog="train.py"):
     a("--lr", type=POSITIVE_NUMBER, default=1e-3, help="peak learning rate (paper: 1e-4)")
     a("--warmup", type=AT_LEAST_ZERO, default=100,
       help="linear learning-rate warm-up steps (paper: 0)")
+    a("--lr-schedule", default="constant", choices=["constant", "cosine"],
+      help="after the warm-up: constant (DiT) or a cosine decay to 0 at --steps")
     a("--batch-size", type=POSITIVE, default=64,
       help="per process and micro-batch (paper: 256 or 1024 in all)")
     a("--grad-accum", type=POSITIVE, default=1, help="micro-batches per optimizer step")
@@ -183,11 +185,19 @@ def update_ema(ema, model, decay):
         e.lerp_(p, 1 - decay)
 
 
+def learning_rate(step, args):
+    """A linear warm-up, then constant (DiT) or a cosine decay to 0 at --steps."""
+    lr = args.lr * min(1.0, (step + 1) / (args.warmup + 1))
+    if args.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+    return lr
+
+
 def train_step(net, model, ema, opt, diffusion, micro, step, args, autocast):
     """One optimizer step: learning rate, forward and backward over the micro-batches, AdamW, the
     race thresholds averaged over processes, the EMA. Returns accumulate's (losses, aux)."""
-    for group in opt.param_groups:  # linear warm-up, then constant (DiT: constant)
-        group["lr"] = args.lr * min(1.0, (step + 1) / (args.warmup + 1))
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(step, args)
     opt.zero_grad(set_to_none=True)
     losses, aux = accumulate(net, diffusion, micro, args, autocast)
     opt.step()
