@@ -880,8 +880,12 @@ def test_gpu_check_largest_batch_stops_at_either_form_of_out_of_memory(tmp_path,
                 if self.batch >= 32:
                     raise error
         monkeypatch.setattr(gpu_check, "Run", Run)
+        freed = []
+        record = lambda run=None, freed=freed: freed.append(run)
+        monkeypatch.setattr(gpu_check, "free_memory", record)
         if error in errors:
             assert gpu_check.largest_batch("XS/8", "2in8", 8, cpu, tmp_path, False, 4096) == 16
+            assert len(freed) == 6                                        # after each of 3 tries
         else:
             with pytest.raises(RuntimeError, match="shapes"):               # not memory: reported
                 gpu_check.largest_batch("XS/8", "2in8", 8, cpu, tmp_path, False, 4096)

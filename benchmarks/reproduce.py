@@ -155,7 +155,7 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
                **evaluator.score(images, labels.numpy()),
                contributions=block_contributions(model, x[:256], y[:256], d))
     if model.cfg.routing != "dense" and hasattr(test, "masks"):
-        out["experts_by_object"] = experts_by_object(model, test)
+        out["experts_by_object"] = experts_by_object(model, test, n=50 if args.quick else 500)
     if stats.sums:
         out.update(stats.result(), max_vio=float(np.mean([r["max_vio"] for r in records[-5:]])),
                    comb_usage=float(np.mean([r["comb_usage"] for r in records[-5:]])))
