@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import race_dit as R
 from data import load_data, make_shapes, to_uint8
 from pictures import save_grid
-from runs import Parser, atomic_write, require, run_main, writable_folder
+from runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, atomic_write, require, run_main,
+                  writable_folder)
 from sample import generate, load_model
 
 SUPPORTED = ("shapes", "cifar10", "fashion-mnist")
@@ -160,12 +161,12 @@ def main(argv=None):
     p = Parser(prog="evaluate.py", description=__doc__)
     a = p.add_argument
     a("--ckpt", required=True, help="a train.py checkpoint of shapes, fashion-mnist or cifar10")
-    a("--per-class", type=int, default=20, help="samples per class")
-    a("--steps", type=int, help="sampling steps (default: the run's --sample-steps)")
-    a("--cfg-scale", type=float, help="guidance (default: the run's --cfg-scale)")
-    a("--seed", type=int, default=0, help="sampling seed")
-    a("--classifier-seed", type=int, default=0, help="another seed trains another classifier")
-    a("--batch-size", type=int, default=100)
+    a("--per-class", type=POSITIVE, default=20, help="samples per class")
+    a("--steps", type=STEPS, help="sampling steps (default: the run's --sample-steps)")
+    a("--cfg-scale", type=WEIGHT, help="guidance (default: the run's --cfg-scale)")
+    a("--seed", type=SEED, default=0, help="sampling seed")
+    a("--classifier-seed", type=SEED, default=0, help="another seed trains another classifier")
+    a("--batch-size", type=POSITIVE, default=100)
     a("--json", help="write the scores here (also printed)")
     a("--grid", help="also write the samples as a PNG grid, one row per class")
     args = p.parse_args(argv)
@@ -173,17 +174,13 @@ def main(argv=None):
 
 
 def evaluate(args):
-    require(args.per_class > 0 and args.batch_size > 0,
-            "--per-class and --batch-size must be positive")
     for path, flag in ((args.json, "--json"), (args.grid, "--grid")):
         if path:
             writable_folder(path, flag)
     model, ckpt = load_model(args.ckpt)
     run = ckpt["args"]
-    steps = args.steps or run["sample_steps"]
+    steps = args.steps or run["sample_steps"]                             # the run's were checked
     cfg_scale = run["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
-    require(1 <= steps <= 1000 and np.isfinite(cfg_scale),
-            "--steps must be in 1..1000, --cfg-scale finite")
     evaluator = Evaluator(run["data"], run["data_dir"], run["image_size"], args.classifier_seed)
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(args.per_class)
     tick, images = time.time(), []

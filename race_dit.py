@@ -254,8 +254,7 @@ class MoE(nn.Module):
         self.routing, self.gating = cfg.routing, cfg.gating
         self.k, self.E = cfg.top_k, E
         self.capacity, self.decay = cfg.capacity, cfg.threshold_decay
-        # h = GELU(Linear(x))
-        self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))
+        self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))  # h = GELU(Wx)
         self.scorer = nn.Linear(D, E)                                           # logits = scorer(h)
         # S5 per-layer regularization: predict the diffusion target (epsilon, patchified) from h; C
         # channels, not C_out: a learned-sigma model has no target for its variance channels.
@@ -318,8 +317,8 @@ class MoE(nn.Module):
         tokens = xf.to(compute_dtype(xf)).index_select(0, token)          # (P, D)
         hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
         out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
-        # (P,) weigh the outputs
-        pair_scores = scores.reshape(-1).index_select(0, token * E + expert)
+        # Each output weighed by its pair's score (S3: the gating function of the scores).
+        pair_scores = scores.reshape(-1).index_select(0, token * E + expert)  # (P,)
         out = out * pair_scores.unsqueeze(1).to(out.dtype)                # (P, D)
         y = torch.zeros(N, D, device=x.device, dtype=out.dtype).index_add_(0, token, out)  # (N, D)
         mask = torch.zeros(E * N, dtype=torch.bool, device=x.device).index_fill_(0, pairs, True)
@@ -701,12 +700,13 @@ class Diffusion:
         """The variational bound's term for each sample in bits per dimension, averaged (DiT,
         IDDPM): KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0
         at t = 0."""
-        at = lambda name: self._at(name, t, xt)
-        x0_pred = predict_x0(xt, eps, at("sqrt_recip_ab"), at("sqrt_recipm1_ab"))
-        true_mean = posterior_mean(x0, xt, at("coef_x0"), at("coef_xt"))
-        mean = posterior_mean(x0_pred, xt, at("coef_x0"), at("coef_xt"))
-        true_logvar = at("post_logvar")
-        logvar = learned_logvar(v, at("log_betas"), true_logvar)
+        names = "sqrt_recip_ab", "sqrt_recipm1_ab", "coef_x0", "coef_xt", "post_logvar", "log_betas"
+        at = {name: self._at(name, t, xt) for name in names}              # each (B, 1, 1, 1)
+        x0_pred = predict_x0(xt, eps, at["sqrt_recip_ab"], at["sqrt_recipm1_ab"])
+        true_mean = posterior_mean(x0, xt, at["coef_x0"], at["coef_xt"])
+        mean = posterior_mean(x0_pred, xt, at["coef_x0"], at["coef_xt"])
+        true_logvar = at["post_logvar"]
+        logvar = learned_logvar(v, at["log_betas"], true_logvar)
         kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp()
                     + (true_mean - mean) ** 2 * (-logvar).exp())
         nll = -discretized_log_likelihood(x0, mean, 0.5 * logvar)

@@ -266,7 +266,7 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def log_record(step, n, sums, aux, t, seconds, model, opt, args, world, device):
+def log_record(step, n, sums, aux, t, seconds, model, opt, args, rank, world, device):
     """Losses averaged over the n steps since the last record and over processes: a progress line
     on rank 0 and the record for metrics.jsonl, with the routing statistics of the last micro-batch
     (its timesteps t)."""
@@ -278,7 +278,7 @@ def log_record(step, n, sums, aux, t, seconds, model, opt, args, world, device):
     vals = dict(zip(names, vals.tolist()))
     rate, mem = n / seconds, peak_memory_gib(device)
     eta = int((args.steps - step) / rate)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank == 0:
         print(f"step {step}/{args.steps} | " + " ".join(f"{k} {vals[k]:.4f}" for k in names)
               + f" | {rate:.2f} steps/s {rate * args.batch_size * world:.0f} img/s"
               + f" | peak mem {mem:.2f} GiB"
@@ -376,8 +376,8 @@ def train(args):
 
         # 4b. Log the losses since the last record; stop before saving anything that diverged.
         t = micro[-1][2]                                                  # the timesteps of `aux`
-        record = log_record(done, n, sums, aux, t, time.time() - tick, model, opt, args, world,
-                            device)
+        record = log_record(done, n, sums, aux, t, time.time() - tick, model, opt, args, rank,
+                            world, device)
         if not math.isfinite(record["loss"]):
             raise Diverged(f"loss became {record['loss']} between steps {done - n} and {done}; "
                            f"nothing saved since; {ckpt_path} keeps the last good state; "
