@@ -1,21 +1,24 @@
 """
 The paper's comparisons at small scale, over seeds: does Expert Race beat dense, token-choice and
-expert-choice at equal activated compute (Table 6); does each step of the ablation help (Table 3);
-does PLR help where its motivation applies, in a deep narrow model (S5)?
+expert-choice at equal activated compute, each with its usual recipe and with the same gating and
+auxiliary losses (Table 6); does each step of the ablation help (Table 3); does PLR help where its
+motivation applies, in a deep narrow model (S5); does the race give more experts to the tokens
+that carry the object (S3)?
 
-    python benchmarks/reproduce.py          # every method x 3 seeds; results in benchmarks/results
+    python benchmarks/reproduce.py          # every method x 8 seeds; results in benchmarks/results
     python benchmarks/reproduce.py --quick  # a smoke run: a few steps each, in a temporary folder
 
 Every run uses train.py's small-scale recipe (built-in 16x16 shapes, XS/4, lr 1e-3, batch 64, EMA),
 the same budget and seeds 0..N-1; every MoE is 2in8 with granularity 2, so its activated compute
 equals the dense MLP's. Per run: held-out epsilon-MSE on the test split at fixed (noise, timestep)
-per image; evaluate.py's class accuracy, log-probability of the class asked for and KID of
---samples-per-class samples per class (DDIM, guidance 2); MaxVio and combination usage (Table 2)
-from the last training logs; experts per token by sampling timestep (Fig. 6); for the deep pair,
-each block's contribution relative to the residual stream. Each claim and metric gets a paired
-t-test over seeds (the runs of one seed share initial weights, data order, t and noise), Holm-
-corrected over the table: supports, contradicts, or no detectable effect with the smallest effect
-the seeds could have detected. Finished runs are skipped, interrupted ones resume.
+per image, overall and by timestep; evaluate.py's class accuracy, log-probability of the class
+asked for and KID of --samples-per-class samples per class (DDIM, guidance 2); MaxVio and
+combination usage (Table 2) from the last training logs; experts per token by sampling timestep
+(Fig. 6) and against the object's share of each patch; for the deep pair, each block's
+contribution relative to the residual stream. Each claim and metric gets a paired t-test over
+seeds (the runs of one seed share initial weights, data order, t and noise), Holm-corrected over
+the table: supports, contradicts, or no detectable effect with the smallest effect the seeds could
+have detected. Runs go seed by seed; finished ones are skipped, interrupted ones resume.
 """
 import json
 import math
@@ -57,6 +60,10 @@ METHODS = {
 # (claim, better method, worse method): the paper says the first beats the second.
 CLAIMS = [("Table 6: race beats token-choice", "race full recipe (+RSL)", "token-choice"),
           ("Table 6: race beats expert-choice", "race full recipe (+RSL)", "expert-choice"),
+          ("Table 6 matched (softmax, no PLR/RSL): race beats token-choice", "race softmax",
+           "token-choice"),
+          ("Table 6 matched (softmax, no PLR/RSL): race beats expert-choice", "race softmax",
+           "expert-choice"),
           ("Table 4: race MoE beats dense", "race full recipe (+RSL)", "dense"),
           ("Table 1/3: identity gating beats softmax", "race identity", "race softmax"),
           ("Table 3: threshold beats batch top-K at inference", "race identity +threshold",
@@ -64,6 +71,7 @@ CLAIMS = [("Table 6: race beats token-choice", "race full recipe (+RSL)", "token
           ("Table 3: PLR helps", "race +threshold +PLR", "race identity +threshold"),
           ("Table 3: RSL helps", "race full recipe (+RSL)", "race +threshold +PLR"),
           ("S5: PLR helps a deep narrow model", "deep race +PLR", "deep race -PLR")]
+MSE_BINS = 5                                    # held-out epsilon-MSE by t: 0-199, ..., 800-999
 METRICS = {"accuracy": 1, "logp": 1, "kid": -1, "heldout_mse": -1}  # +1: higher is better
 COLOURS = [(0, 0, 0), (220, 50, 50), (50, 120, 220), (30, 160, 60), (230, 140, 0), (150, 60, 200),
            (0, 170, 170), (120, 120, 120), (200, 0, 120), (90, 60, 20)]
@@ -140,8 +148,11 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
     x = torch.from_numpy(np.array(test.x)).float() / 127.5 - 1
     y = torch.from_numpy(test.y)
     t, noise = torch.randint(0, 1000, (len(x),), generator=g), torch.randn(x.shape, generator=g)
-    mse = sum(d.training_losses(model, xb, yb, t=tb, noise=nb)[0]["mse"].item() * len(xb)
-              for xb, yb, tb, nb in zip(x.split(500), y.split(500), t.split(500), noise.split(500)))
+    C = x.shape[1]                                              # a learned variance's half cut
+    mse = torch.cat([((model(d.q_sample(xb, tb, nb), tb, yb)[:, :C] - nb) ** 2).mean((1, 2, 3))
+                     for xb, yb, tb, nb in zip(x.split(500), y.split(500), t.split(500),
+                                               noise.split(500))])                 # (N,) per image
+    bins = t // (1000 // MSE_BINS)                                         # (N,) in 0..bins-1
     labels = torch.arange(10).repeat_interleave(args.samples_per_class)
     stats = R.ExpertsByTimestep()
     images = np.concatenate([
@@ -149,7 +160,8 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
                           "ddim", stats))
         for i in range(0, len(labels), 250)])
     records = [json.loads(line) for line in open(Path(ckpt_path).parent / "metrics.jsonl")]
-    out = dict(heldout_mse=mse / len(x), steps=ckpt["step"],
+    out = dict(heldout_mse=mse.mean().item(), steps=ckpt["step"],
+               heldout_mse_by_t=[mse[bins == b].mean().item() for b in range(MSE_BINS)],
                inference_routing=inference_routing,
                curve=[(r["step"], r["mse"]) for r in records],
                **evaluator.score(images, labels.numpy()),
@@ -208,12 +220,25 @@ def holm(pvalues, alpha=0.05):
     return levels, rejected
 
 
-def verdicts(results, names, seeds, alpha=0.05, power=0.8):
+def judge(tests, alpha=0.05, power=0.8):
+    """Holm-corrects a list of paired_test results together and labels each: supports /
+    contradicts (its sign, the claim's direction positive), or no detectable effect with the
+    smallest effect its seeds could have detected (at the level it was judged, 80% power)."""
+    levels, rejected = holm([test["p"] for test in tests], alpha)
+    judged = []
+    for test, level, reject in zip(tests, levels, rejected):
+        detectable = (t_quantile(1 - level / 2, test["df"]) + t_quantile(power, test["df"]))
+        verdict = ("supports" if test["mean"] > 0 else "contradicts") if reject else \
+            "no detectable effect"
+        judged.append(dict(verdict=verdict, level=level, detectable=detectable * test["se"],
+                           **test))
+    return judged
+
+
+def verdicts(results, names, seeds):
     """Mean ± std per method and metric; for each claim and metric a paired t-test over seeds (the
     runs of one seed share initial weights, data order, t and noise), Holm-corrected over every
-    claim and metric of the table. A verdict is supports / contradicts, or no detectable effect
-    with the smallest effect the seeds could have detected (at the level it was judged and 80%
-    power)."""
+    claim and metric of the table."""
     rows = {n: [results[f"{n} / seed {s}"] for s in range(seeds)] for n in names}
     metrics = {k: sign for k, sign in METRICS.items()  # scores of an older evaluator may lack some
                if all(k in r for rs in rows.values() for r in rs)}
@@ -222,17 +247,22 @@ def verdicts(results, names, seeds, alpha=0.05, power=0.8):
     tests = [(claim, a, b, k, paired_test([sign * (ra[k] - rb[k])  # > 0: as the paper says
                                            for ra, rb in zip(rows[a], rows[b])]))
              for claim, a, b in CLAIMS if a in rows and b in rows for k, sign in metrics.items()]
-    levels, rejected = holm([test["p"] for *_, test in tests], alpha)
     claims = {}
-    for (claim, a, b, k, test), level, reject in zip(tests, levels, rejected):
-        df = test["df"]
-        detectable = (t_quantile(1 - level / 2, df) + t_quantile(power, df)) * test["se"]
-        verdict = "no detectable effect"
-        if reject:
-            verdict = "supports" if test["mean"] > 0 else "contradicts"
-        claims.setdefault(claim, dict(claim=claim, better=a, worse=b))[k] = dict(
-            verdict=verdict, level=level, detectable=detectable, **test)
+    for (claim, a, b, k, _), verdict in zip(tests, judge([test for *_, test in tests])):
+        claims.setdefault(claim, dict(claim=claim, better=a, worse=b))[k] = verdict
     return table, list(claims.values())
+
+
+def critical_tokens(results, names, seeds):
+    """S3's claim that the race gives experts to critical tokens, per method: the within-cell
+    slope of experts per token on object fraction, tested against 0 over seeds (Holm over the
+    methods); "supports" means object patches get more experts than background at the same
+    position and timestep."""
+    names = [n for n in names if "experts_by_object" in results[f"{n} / seed 0"]]
+    slopes = {n: [results[f"{n} / seed {s}"]["experts_by_object"]["slope"] for s in range(seeds)]
+              for n in names}
+    return {n: dict(slopes=slopes[n], **v)
+            for n, v in zip(names, judge([paired_test(slopes[n]) for n in names]))}
 
 
 def describe(v):
@@ -268,8 +298,8 @@ def charts(results, names, seeds, out):
 def main(argv=None):
     p = Parser(prog="reproduce.py", description=__doc__)
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--samples-per-class", type=int, default=20)
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--samples-per-class", type=int, default=50)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the scored samples")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma list of: " + ", ".join(METHODS))
@@ -303,10 +333,10 @@ def main(argv=None):
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     names = args.methods.split(",")
-    for name in names:
-        flags, inference_routing, shared = METHODS[name]
-        for seed in range(args.seeds):
-            key = f"{name} / seed {seed}"
+    for seed in range(args.seeds):         # seed by seed: an interrupted table stays paired
+        for name in names:
+            flags, inference_routing, shared = METHODS[name]
+            key, began = f"{name} / seed {seed}", time.time()
             run = runs / f"{(shared or name).replace(' ', '_')}_seed{seed}"
             done = results.get(key, {})
             if done.get("steps") == args.steps and all(k in done for k in METRICS):
@@ -321,20 +351,26 @@ def main(argv=None):
                             "--out", str(run),
                             *(["--resume"] if (run / "ckpt.pt").exists() else []), *flags])
             results[key], grid = score(run / "ckpt.pt", inference_routing, test, evaluator, args)
+            results[key]["seconds"] = time.time() - began        # training (unless shared) + score
             if seed == 0:
                 save_grid(grid, out / f"grid_{name.replace(' ', '_')}.png", nrow=10)
             atomic_write(results_path,
                          lambda tmp_path: tmp_path.write_text(json.dumps(results, indent=1)))
+            print(f"{key}: {results[key]['seconds']:.0f} s", flush=True)
     table, claims = verdicts(results, names, args.seeds)
+    critical = critical_tokens(results, names, args.seeds)
     summary = dict(setup={k: v for k, v in vars(args).items()
                           if k not in ("out", "runs", "data_dir")},
-                   seconds=time.time() - tick, table=table, claims=claims)
+                   seconds=time.time() - tick, table=table, claims=claims,
+                   critical_tokens=critical)
     atomic_write(out / "summary.json",
                  lambda tmp_path: tmp_path.write_text(json.dumps(summary, indent=1)))
     for name, row in table.items():
         print(f"{name:28s} " + "  ".join(f"{k} {m:.4f} ± {s:.4f}" for k, (m, s) in row.items()))
     for c in claims:
         print(f"{c['claim']}: " + "; ".join(f"{k} {describe(c[k])}" for k in METRICS if k in c))
+    for n, v in critical.items():
+        print(f"experts per unit object fraction, {n}: {describe(v)}")
     charts(results, names, args.seeds, out)
     print(f"wrote {results_path}, {out / 'summary.json'} and charts in {out} "
           f"({time.time() - tick:.0f} s)")
