@@ -77,3 +77,63 @@ def experts_chart(stats, path, k):
                "experts per token: layers shallow (blue) to deep (red), mean (black), "
                f"k = {k} (grey)",
                "timestep (noisy -> clean)", hline=k, reverse_x=True)
+
+
+HEAT = np.array([(20, 20, 90), (40, 110, 240), (60, 190, 120), (250, 220, 40), (230, 40, 30)])
+
+
+def heat(v):
+    """Values in [0, 1] (any shape) -> RGB along dark blue, blue, green, yellow, red."""
+    pos = np.clip(v, 0, 1) * (len(HEAT) - 1)
+    lo = np.minimum(pos.astype(int), len(HEAT) - 2)
+    w = (pos - lo)[..., None]
+    return ((1 - w) * HEAT[lo] + w * HEAT[lo + 1]).astype(np.uint8)
+
+
+def routing_map(images, maps, labels, timesteps, path, title, rows=10):
+    """Where the experts go: images (N, H, W, 3) uint8, maps (T, N, L) experts per token (mean
+    over MoE layers) at `timesteps`, labels (N,). Top: one image per class (up to `rows`), then
+    its map over the greyed image at each timestep. Bottom: per class, the mean image and the mean
+    map at each timestep. Each timestep's column has its own colour scale, from 0 to its largest
+    value (written above it), so that where the experts go shows at every noise level."""
+    T, N, L = maps.shape
+    side, vmax = math.isqrt(L), np.maximum(maps.max(axis=(1, 2)), 1e-6)           # (T,)
+    images = images[:, ::max(1, images.shape[1] // 64), ::max(1, images.shape[2] // 64)]
+    base = math.lcm(images.shape[1], side)
+    cell = base * max(1, 64 // base)                   # a whole multiple of pixels and patches
+    classes = sorted(set(labels.tolist()))[:rows]
+    first = [int(np.flatnonzero(labels == c)[0]) for c in classes]
+    up = lambda a: np.kron(a, np.ones((cell // a.shape[0], cell // a.shape[1], 1)))
+
+    def tile(img, m=None, t=0):                          # img (H, W, 3), m (L,) -> (cell, cell, 3)
+        img = up(np.asarray(img, np.float64)) if img is not None else None
+        if m is None:
+            return img
+        h = up(heat(m.reshape(side, side) / vmax[t]).astype(np.float64))
+        return h if img is None else 0.45 * img.mean(-1, keepdims=True) + 0.55 * h
+    block = [[tile(images[i])] + [tile(images[i], maps[t, i], t) for t in range(T)] for i in first]
+    block += [[tile(images[labels == c].mean(0))]
+              + [tile(None, maps[t, labels == c].mean(0), t) for t in range(T)] for c in classes]
+    top, left, gap = 34, 100, 4
+    width = left + (T + 1) * (cell + gap)
+    img = Image.new("RGB", (width, top + len(block) * (cell + gap) + 50), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(12)
+    draw.text((4, img.height - 16), title, fill="black", font=font)
+    for j, t in enumerate(timesteps):
+        draw.text((left + (j + 1) * (cell + gap), 6), f"t = {t}", fill="black", font=font)
+        draw.text((left + (j + 1) * (cell + gap), 20), f"max {vmax[j]:.2f}", fill="black",
+                  font=font)
+    for r, row in enumerate(block):
+        y = top + r * (cell + gap)
+        c = classes[r % len(classes)]
+        draw.text((4, y + cell // 2 - 6), f"{'mean ' if r >= len(classes) else ''}class {c}",
+                  fill="black", font=font)
+        for j, a in enumerate(row):
+            img.paste(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)),
+                      (left + j * (cell + gap), y))
+    bar = heat(np.linspace(0, 1, 200))[None].repeat(10, 0)            # the colour scale
+    y = top + len(block) * (cell + gap) + 8
+    img.paste(Image.fromarray(bar), (left, y))
+    draw.text((left - 14, y - 1), "0", fill="black", font=font)
+    draw.text((left + 206, y - 1), "max experts per token at that t", fill="black", font=font)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

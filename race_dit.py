@@ -516,6 +516,11 @@ def moe_losses(aux, target):
     return out
 
 
+def experts_per_token(aux):
+    """Experts per token averaged over the MoE layers, (B, L): where the routing sends compute."""
+    return torch.stack([a["mask"].float().sum(-1) for a in aux]).mean(0)
+
+
 def experts_per_image(aux):
     """Mean experts per token of each image in each MoE layer, (layers, B): the quantity of the
     paper's Fig. 6. Training logs bin it by timestep; sample.py averages it at every sampling
@@ -525,15 +530,22 @@ def experts_per_image(aux):
 
 class ExpertsByTimestep:
     """Diffusion.sample's on_step callback: mean experts per token of each layer at each sampling
-    timestep (Fig. 6). Sums stay on the device, so collecting them adds no host synchronisation."""
+    timestep (Fig. 6). Sums stay on the device, so collecting them adds no host synchronisation.
+    At the step indices `map_steps` it also keeps each image's experts per token, maps[t]: a list
+    of (B, L), one per batch (under guidance the conditional half, which comes first)."""
 
-    def __init__(self):
-        self.sums, self.counts = {}, {}
+    def __init__(self, map_steps=(), guided=False):
+        self.sums, self.counts, self.maps = {}, {}, {}
+        self.map_steps, self.guided = set(map_steps), guided
 
     def __call__(self, i, t, aux):
         if aux:
             self.sums[t] = self.sums.get(t, 0) + experts_per_image(aux).mean(1)    # (layers,)
             self.counts[t] = self.counts.get(t, 0) + 1
+            if i in self.map_steps:
+                per_token = experts_per_token(aux)                        # (B or 2B, L)
+                half = per_token.chunk(2)[0] if self.guided else per_token
+                self.maps.setdefault(t, []).append(half)
 
     def result(self):
         ts = sorted(self.sums, reverse=True)

@@ -6,6 +6,7 @@ for FID, and the routing picture (experts per token by timestep, the paper's Fig
     python sample.py --ckpt CKPT --num-samples 50000 --npz samples.npz --cfg-scale 1.5 --steps 250
     torchrun --nproc_per_node 8 sample.py --ckpt CKPT --num-samples 50000 --npz samples.npz
     python sample.py --ckpt CKPT --experts-by-timestep experts.json
+    python sample.py --ckpt CKPT --labels 0,1,2,3,4,5,6,7,8,9 --num-samples 200 --routing-map m.png
     python sample.py --ckpt DiT-XL-2-256x256.pt --model XL/2 --labels 207,360,387 --out dit.png
 """
 import datetime
@@ -22,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 import race_dit as R
-from data import LATENT_SCALE, load_vae, to_uint8
-from pictures import experts_chart, save_grid
+from data import LATENT_SCALE, load_data, load_vae, to_model_input, to_uint8
+from pictures import experts_chart, routing_map, save_grid
 from runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, UserError, atomic_write, load_checkpoint,
                   require, run_main, writable_folder)
 
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     a("--nrow", type=POSITIVE, default=8)
     a("--npz", help="also write the samples as uint8 (N, H, W, 3) arr_0 (ADM evaluation format)")
     a("--experts-by-timestep", help="JSON path; also writes a PNG chart beside it")
+    a("--routing-map", help="PNG: experts per token over the samples at 5 timesteps and the mean "
+      "per class; PNG_train.png: the same for a training batch noised to those timesteps")
     a("--vae", default="stabilityai/sd-vae-ft-ema",
       help="decodes a latent model's samples (diffusers)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +82,43 @@ def generate(model, diffusion, y, first, seed, steps, cfg_scale, clip_x0, method
     shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
     return diffusion.sample(model, y, shape, steps=steps, method=method, cfg_scale=cfg_scale,
                             generators=gens, clip_x0=clip_x0, on_step=on_step)
+
+
+@torch.no_grad()
+def experts_per_token_at(model, diffusion, x0, y, timesteps, generator):
+    """Experts per token (mean over MoE layers) of images x0 noised to each timestep, (T, B, L):
+    where the routing sends compute on data, at fixed noise from `generator` (CPU)."""
+    maps = []
+    for t in timesteps:
+        tt = torch.full((len(y),), t, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        maps.append(R.experts_per_token(model(diffusion.q_sample(x0, tt, noise), tt, y,
+                                              return_aux=True)[1]))
+    return torch.stack(maps)
+
+
+def training_batch_map(path, model, ckpt, n, timesteps, vae, args):
+    """--routing-map's second picture: the first n training images, noised to the timesteps of
+    the samples' map, with the same overlays."""
+    a, device = ckpt["args"], next(model.parameters()).device
+    try:
+        ds = load_data(a["data"], a["data_dir"], a["image_size"], "train", a["num_classes"])
+    except (KeyError, UserError) as e:
+        return print(f"note: no training-batch routing map ({e})")
+    if ds.latent and vae is None:
+        return print("note: no training-batch routing map (latents need the VAE to be shown)")
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    torch.manual_seed(args.seed)                                       # to_model_input's flips
+    x0 = to_model_input(torch.stack([x for x, _ in items]).to(device), ds)
+    y = torch.tensor([label for _, label in items], device=device)
+    g, d, bs = torch.Generator().manual_seed(args.seed), R.Diffusion(), args.batch_size
+    with autocast_for(args.precision, device)():
+        maps = torch.cat([experts_per_token_at(model, d, xb, yb, timesteps, g)
+                          for xb, yb in zip(x0.split(bs), y.split(bs))], dim=1)   # (T, n, L)
+        images = to_uint8(vae.decode(x0 / LATENT_SCALE).sample if ds.latent else x0)
+    routing_map(images, maps.float().cpu().numpy(), y.cpu().numpy(), timesteps, path,
+                f"experts per token on {len(y)} training images ({args.inference_routing} routing)")
+    print(f"wrote {path}")
 
 
 def load_model(path, online=False, size=None):
@@ -129,7 +169,8 @@ def choose_labels(args, num_classes):
 
 def run(args, grid_max=256):
     for path, flag in ((args.out, "--out"), (args.npz, "--npz"),
-                       (args.experts_by_timestep, "--experts-by-timestep")):
+                       (args.experts_by_timestep, "--experts-by-timestep"),
+                       (args.routing_map, "--routing-map")):
         if path:
             writable_folder(path, flag)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -172,7 +213,9 @@ def run(args, grid_max=256):
     if world > 1:
         dist.barrier()
 
-    diffusion, stats, shown, latents = R.Diffusion(), R.ExpertsByTimestep(), [], []
+    map_steps = np.linspace(0, args.steps - 1, 5).round() if args.routing_map else ()
+    stats = R.ExpertsByTimestep(map_steps, guided=args.cfg_scale != 1)
+    diffusion, shown, latents = R.Diffusion(), [], []
     mine = list(range(rank * args.batch_size, len(labels), world * args.batch_size))  # batch starts
     for b, s in enumerate(mine):
         part = parts / f"{s:08d}.npy" if parts else None
@@ -218,6 +261,17 @@ def run(args, grid_max=256):
         atomic_write(path, lambda tmp: np.save(tmp, np.concatenate(latents)))
         print(f"wrote {path}: latents on the model's scale "
               f"(divide by {LATENT_SCALE} before decoding)")
+    if args.routing_map and stats.maps and shown:
+        ts = sorted(stats.maps, reverse=True)                             # noisy -> clean
+        images = np.concatenate(shown)
+        maps = torch.stack([torch.cat(stats.maps[t])[:len(images)] for t in ts])   # (T, N, L)
+        routing_map(images, maps.cpu().numpy(), labels[:len(images)].numpy(), ts,
+                    args.routing_map, f"experts per token on {len(images)} samples "
+                    f"({args.inference_routing} routing, {args.sampler} {args.steps} steps)")
+        print(f"wrote {args.routing_map}")
+        training_batch_map(Path(args.routing_map).with_name(Path(args.routing_map).stem
+                                                            + "_train.png"),
+                           model, ckpt, len(images), ts, vae, args)
     if stats.sums:
         result = stats.result()
         print(f"mean experts per token ({args.inference_routing} routing): {result['overall']:.3f} "

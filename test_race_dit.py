@@ -156,6 +156,17 @@ def test_race_selects_exactly_BLk_pairs_with_variable_experts_per_token():
     assert per_token.min() == 0 and per_token.max() > 2                   # no per-token quota
 
 
+def test_the_routing_map_counts_each_tokens_experts_of_the_conditional_half():
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(6, 5, 8, generator=g) < 0.3 for _ in range(3)]    # 3 layers, (2B, L, E)
+    collect = R.ExpertsByTimestep(map_steps=[4], guided=True)
+    collect(3, 500, [dict(mask=m) for m in masks])                        # not a kept step
+    collect(4, 600, [dict(mask=m) for m in masks])
+    want = [sum(int(m[b, i].sum()) for m in masks) / 3 for b in range(3) for i in range(5)]
+    assert list(collect.maps) == [600]
+    assert collect.maps[600][0].flatten().tolist() == pytest.approx(want)
+
+
 def test_race_cutoff_is_kth_largest_score():
     layer, x, (_, layer_aux) = route("race", "2in8")
     scores = layer.scorer(layer.router(x)).flatten().detach()

@@ -601,6 +601,31 @@ def test_topk_routing_uses_exactly_k_experts_per_token(ckpt, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["mean"] == [pytest.approx(2.0)] * 4
 
 
+def test_routing_map_pictures_the_samples_and_a_training_batch(ckpt, tmp_path, monkeypatch):
+    drawn, draw = [], sample.routing_map
+    def record(images, maps, labels, timesteps, path, title):
+        drawn.append((images, maps, labels, timesteps))
+        draw(images, maps, labels, timesteps, path, title)
+    monkeypatch.setattr(sample, "routing_map", record)
+    # Batch top-K without guidance: one race over the 8 images picks exactly k = 2 experts per
+    # token on average, at every sampling step and on the training batch alike.
+    run_sample(ckpt, "--labels", "0,9", "--inference-routing", "topk", "--cfg-scale", "1",
+               "--routing-map", str(tmp_path / "m.png"), "--out", "")
+    (images, maps, labels, ts), (train_images, train_maps, train_labels, train_ts) = drawn
+    assert ts == train_ts == [999, 666, 333, 0] and images.shape == (8, 16, 16, 3)
+    assert maps.shape == train_maps.shape == (4, 8, 4)                # (T, N, L): XS/8 on 16 px
+    assert maps.mean((1, 2)) == pytest.approx([2.0] * 4)
+    assert train_maps.mean((1, 2)) == pytest.approx([2.0] * 4)
+    assert labels.tolist() == [0, 9] * 4
+    first = data.load_data("shapes", image_size=16).y[:8]                 # the training split's
+    assert train_labels.tolist() == first.tolist() and train_images.shape == (8, 16, 16, 3)
+    # per class a row of overlays and a row of means; a column for the image and each timestep
+    rows = lambda labels: 2 * len(set(labels.tolist()))
+    assert Image.open(tmp_path / "m.png").size == (100 + 5 * 68, 34 + rows(labels) * 68 + 50)
+    assert Image.open(tmp_path / "m_train.png").size == (100 + 5 * 68,
+                                                         34 + rows(first) * 68 + 50)
+
+
 @pytest.mark.parametrize("content", [b"garbage", None])
 def test_foreign_or_corrupted_checkpoint_is_refused(tmp_path, capsys, ckpt, content):
     path = tmp_path / "bad.pt"
@@ -753,6 +778,11 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypat
     assert "Table 3: threshold beats batch top-K at inference: accuracy" in out and "wrote" in out
     assert not list(tmp_path.glob("evaluator-*"))                     # the smoke run caches nothing
     results = json.loads((tmp_path / "res" / "results.json").read_text())
+    critical = json.loads((tmp_path / "res" / "summary.json").read_text())["critical_tokens"]
+    assert set(critical) == set(methods.split(",")) and "experts per unit object fraction" in out
+    assert critical["race identity"]["slopes"] == [results[f"race identity / seed {s}"][
+        "experts_by_object"]["slope"] for s in (0, 1)]
+    assert len(results["race identity / seed 0"]["heldout_mse_by_t"]) == 5
     # A rerun after an interruption: one score lost, every checkpoint on disk. Nothing is retrained;
     # the lost score is computed again from its checkpoint.
     lost = results.pop("race identity +threshold / seed 1")

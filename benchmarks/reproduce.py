@@ -40,7 +40,7 @@ from data import load_data, to_uint8  # noqa: E402
 from evaluate import Evaluator  # noqa: E402
 from pictures import experts_chart, line_chart, save_grid  # noqa: E402
 from runs import Parser, atomic_write, load_checkpoint  # noqa: E402
-from sample import generate, load_model  # noqa: E402
+from sample import experts_per_token_at, generate, load_model  # noqa: E402
 
 NO_AUX = ["--plr-weight", "0", "--rsl-weight", "0"]
 # name -> (train.py flags, inference routing, training run it shares)
@@ -126,15 +126,10 @@ def experts_by_object(model, test, timesteps=(100, 300, 500, 700, 900), n=500):
     y = torch.from_numpy(test.y[:n])
     masks = torch.from_numpy(test.masks[:n]).float()[:, None]             # (n, 1, S, S)
     fraction = F.avg_pool2d(masks, p).flatten(1).numpy()                  # (n, L)
-    g = torch.Generator().manual_seed(11)
-    experts, cells = [], []
-    for i, t in enumerate(timesteps):
-        tt = torch.full((n,), t)
-        xt = d.q_sample(x, tt, torch.randn(x.shape, generator=g))
-        _, aux = model(xt, tt, y, return_aux=True)
-        experts.append(torch.stack([a["mask"].float().sum(-1) for a in aux]).mean(0).numpy())
-        cells.append(np.broadcast_to(i * fraction.shape[1] + np.arange(fraction.shape[1]),
-                                     fraction.shape))
+    experts = list(experts_per_token_at(model, d, x, y, timesteps,
+                                        torch.Generator().manual_seed(11)).numpy())  # T x (n, L)
+    cells = [np.broadcast_to(i * fraction.shape[1] + np.arange(fraction.shape[1]), fraction.shape)
+             for i in range(len(timesteps))]
     cat = lambda v: np.concatenate(v, axis=1)                             # (n, timesteps * L)
     return within_cell_slope(cat(experts), cat([fraction] * len(timesteps)), cat(cells))
 
