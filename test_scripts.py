@@ -768,15 +768,19 @@ def test_bench_script_reports_ratios_and_writes_only_where_asked(tmp_path, capsy
     assert os.listdir(tmp_path) == ["b.json"]
 
 
-def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypatch):
+def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypatch,
+                                                    shapes_evaluator):
     from benchmarks import reproduce
+    made = []                                                   # the classifier, trained once
+    monkeypatch.setattr(reproduce, "Evaluator",
+                        lambda *a, **k: made.append(k) or shapes_evaluator[0])
     methods = "race identity,race identity +threshold"
     argv = ["--quick", "--data-dir", str(tmp_path), "--methods", methods,
             "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs")]
     reproduce.main(argv)
     out = capsys.readouterr().out
     assert "Table 3: threshold beats batch top-K at inference: accuracy" in out and "wrote" in out
-    assert not list(tmp_path.glob("evaluator-*"))                     # the smoke run caches nothing
+    assert made[0]["cache_dir"] and not made[0]["cache_dir"].exists()  # the smoke run keeps none
     results = json.loads((tmp_path / "res" / "results.json").read_text())
     critical = json.loads((tmp_path / "res" / "summary.json").read_text())["critical_tokens"]
     assert set(critical) == set(methods.split(",")) and "experts per unit object fraction" in out

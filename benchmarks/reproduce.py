@@ -6,6 +6,7 @@ motivation applies, in a deep narrow model (S5); does the race give more experts
 that carry the object (S3)?
 
     python benchmarks/reproduce.py          # every method x 8 seeds; results in benchmarks/results
+    python benchmarks/reproduce.py --methods "deep race -PLR,deep race +PLR"   # S5's pair, added
     python benchmarks/reproduce.py --quick  # a smoke run: a few steps each, in a temporary folder
 
 Every run uses train.py's small-scale recipe (built-in 16x16 shapes, XS/4, lr 1e-3, batch 64, EMA),
@@ -280,7 +281,7 @@ def charts(results, names, seeds, out):
     race = results.get("race full recipe (+RSL) / seed 0", {})
     if "per_layer" in race:
         experts_chart(race, out / "experts_by_timestep.png", 2)
-    pair = [n for n in ("deep race -PLR", "deep race +PLR") if f"{n} / seed 0" in results]
+    pair = [n for n in ("deep race -PLR", "deep race +PLR") if n in names]
     if pair:
         series = [(list(range(1, 1 + len(results[f"{n} / seed {s}"]["contributions"]))),
                    results[f"{n} / seed {s}"]["contributions"], COLOURS[1 + i], 2 if s == 0 else 1)
@@ -296,8 +297,10 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--samples-per-class", type=int, default=50)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the scored samples")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma list of: " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(m for m in METHODS if not m.startswith("deep")),
+                   help="comma list of: " + ", ".join(METHODS) + " (default: all but the deep "
+                        "pair, whose runs take 1.7x as long: --methods 'deep race -PLR,deep race "
+                        "+PLR')")
     p.add_argument("--data", default="shapes",
                    help="shapes or fashion-mnist (with --image-size 28)")
     p.add_argument("--image-size", type=int, default=16)
