@@ -115,7 +115,7 @@ def training_batch_map(path, model, ckpt, n, timesteps, vae, args):
     with autocast_for(args.precision, device)():
         maps = torch.cat([experts_per_token_at(model, d, xb, yb, timesteps, g)
                           for xb, yb in zip(x0.split(bs), y.split(bs))], dim=1)   # (T, n, L)
-        images = to_uint8(vae.decode(x0 / LATENT_SCALE).sample if ds.latent else x0)
+    images = to_uint8(vae.decode(x0 / LATENT_SCALE).sample if ds.latent else x0)
     routing_map(images, maps.float().cpu().numpy(), y.cpu().numpy(), timesteps, path,
                 f"experts per token on {len(y)} training images ({args.inference_routing} routing)")
     print(f"wrote {path}")
