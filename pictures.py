@@ -1,6 +1,7 @@
 """
-The PNG pictures every script writes: sample grids and line charts (loss curves, experts per token
-by timestep, benchmark charts), drawn with Pillow alone.
+The PNG pictures every script writes: sample grids, line charts (loss curves, experts per token
+by timestep, benchmark charts) and routing maps (experts per token over images), drawn with Pillow
+alone.
 """
 import json
 import math
@@ -98,18 +99,19 @@ def routing_map(images, maps, labels, timesteps, path, title, rows=10):
     value (written above it), so that where the experts go shows at every noise level."""
     T, N, L = maps.shape
     side, vmax = math.isqrt(L), np.maximum(maps.max(axis=(1, 2)), 1e-6)           # (T,)
-    images = images[:, ::max(1, images.shape[1] // 64), ::max(1, images.shape[2] // 64)]
-    base = math.lcm(images.shape[1], side)
-    cell = base * max(1, 64 // base)                   # a whole multiple of pixels and patches
+    assert side * side == L, f"{L} tokens are not a square grid"
+    cell = side * math.ceil(64 / side)                        # at least 64 px, whole patches
+    images = np.stack([np.asarray(Image.fromarray(im).resize((cell, cell), Image.NEAREST))
+                       for im in images])                                  # (N, cell, cell, 3)
     classes = sorted(set(labels.tolist()))[:rows]
     first = [int(np.flatnonzero(labels == c)[0]) for c in classes]
     up = lambda a: np.kron(a, np.ones((cell // a.shape[0], cell // a.shape[1], 1)))
 
-    def tile(img, m=None, t=0):                          # img (H, W, 3), m (L,) -> (cell, cell, 3)
+    def tile(img, m=None, j=0):                # img (cell, cell, 3), m (L,) at column j -> tile
         img = up(np.asarray(img, np.float64)) if img is not None else None
         if m is None:
             return img
-        h = up(heat(m.reshape(side, side) / vmax[t]).astype(np.float64))
+        h = up(heat(m.reshape(side, side) / vmax[j]).astype(np.float64))
         return h if img is None else 0.45 * img.mean(-1, keepdims=True) + 0.55 * h
     block = [[tile(images[i])] + [tile(images[i], maps[t, i], t) for t in range(T)] for i in first]
     block += [[tile(images[labels == c].mean(0))]

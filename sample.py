@@ -1,6 +1,7 @@
 """
 Sample from a train.py checkpoint (or a reference DiT state_dict): a PNG grid, an ADM-format .npz
-for FID, and the routing picture (experts per token by timestep, the paper's Fig. 6).
+for FID, and the routing pictures (experts per token by timestep, the paper's Fig. 6, and per token
+over the images: --routing-map).
 
     python sample.py --ckpt runs/default/ckpt.pt --out grid.png
     python sample.py --ckpt CKPT --num-samples 50000 --npz samples.npz --cfg-scale 1.5 --steps 250
@@ -97,6 +98,7 @@ def experts_per_token_at(model, diffusion, x0, y, timesteps, generator):
     return torch.stack(maps)
 
 
+@torch.no_grad()
 def training_batch_map(path, model, ckpt, n, timesteps, vae, args):
     """--routing-map's second picture: the first n training images, noised to the timesteps of
     the samples' map, with the same overlays."""
@@ -108,14 +110,15 @@ def training_batch_map(path, model, ckpt, n, timesteps, vae, args):
     if ds.latent and vae is None:
         return print("note: no training-batch routing map (latents need the VAE to be shown)")
     items = [ds[i] for i in range(min(n, len(ds)))]
-    torch.manual_seed(args.seed)                                       # to_model_input's flips
+    torch.manual_seed(args.seed)                   # to_model_input's flips (latents: posterior)
     x0 = to_model_input(torch.stack([x for x, _ in items]).to(device), ds)
     y = torch.tensor([label for _, label in items], device=device)
     g, d, bs = torch.Generator().manual_seed(args.seed), R.Diffusion(), args.batch_size
     with autocast_for(args.precision, device)():
         maps = torch.cat([experts_per_token_at(model, d, xb, yb, timesteps, g)
                           for xb, yb in zip(x0.split(bs), y.split(bs))], dim=1)   # (T, n, L)
-    images = to_uint8(vae.decode(x0 / LATENT_SCALE).sample if ds.latent else x0)
+    images = to_uint8(torch.cat([vae.decode(xb / LATENT_SCALE).sample for xb in x0.split(bs)])
+                      if ds.latent else x0)
     routing_map(images, maps.float().cpu().numpy(), y.cpu().numpy(), timesteps, path,
                 f"experts per token on {len(y)} training images ({args.inference_routing} routing)")
     print(f"wrote {path}")
@@ -181,6 +184,7 @@ def run(args, grid_max=256):
     model.to(device)
     cfg = model.cfg
     R.set_inference_routing(model, args.inference_routing)
+    require(not args.routing_map or cfg.routing != "dense", "--routing-map needs an MoE model")
     autocast = autocast_for(args.precision, device)
     labels = choose_labels(args, cfg.num_classes)
     vae = None
@@ -213,9 +217,10 @@ def run(args, grid_max=256):
     if world > 1:
         dist.barrier()
 
-    map_steps = np.linspace(0, args.steps - 1, 5).round() if args.routing_map else ()
+    map_steps = sorted({round(v) for v in np.linspace(0, args.steps - 1, 5)}) if args.routing_map \
+        else ()
     stats = R.ExpertsByTimestep(map_steps, guided=args.cfg_scale != 1)
-    diffusion, shown, latents = R.Diffusion(), [], []
+    diffusion, shown, latents, mapped = R.Diffusion(), [], [], []     # mapped: (images, labels)
     mine = list(range(rank * args.batch_size, len(labels), world * args.batch_size))  # batch starts
     for b, s in enumerate(mine):
         part = parts / f"{s:08d}.npy" if parts else None
@@ -230,6 +235,10 @@ def run(args, grid_max=256):
                 latents.append(x.cpu().numpy())
                 x = vae.decode(x / LATENT_SCALE).sample if vae is not None else None
             images = to_uint8(x) if x is not None else None
+            if map_steps and images is not None and sum(len(m) for m, _ in mapped) < grid_max:
+                mapped.append((images, labels[s:s + args.batch_size]))  # maps of this batch
+            elif map_steps:
+                stats.map_steps = set()                       # enough (or not drawable): stop
             if part is not None:
                 atomic_write(part,
                              lambda tmp, images=images: np.save(tmp, images, allow_pickle=False))
@@ -261,13 +270,17 @@ def run(args, grid_max=256):
         atomic_write(path, lambda tmp: np.save(tmp, np.concatenate(latents)))
         print(f"wrote {path}: latents on the model's scale "
               f"(divide by {LATENT_SCALE} before decoding)")
-    if args.routing_map and stats.maps and shown:
+    if args.routing_map and not mapped:
+        print("note: no routing map (no batch was generated and shown in this run)")
+    if args.routing_map and mapped:
         ts = sorted(stats.maps, reverse=True)                             # noisy -> clean
-        images = np.concatenate(shown)
-        maps = torch.stack([torch.cat(stats.maps[t])[:len(images)] for t in ts])   # (T, N, L)
-        routing_map(images, maps.cpu().numpy(), labels[:len(images)].numpy(), ts,
+        images = np.concatenate([m for m, _ in mapped])
+        maps = torch.stack([torch.cat(stats.maps[t][:len(mapped)]) for t in ts])   # (T, N, L)
+        routing_map(images, maps.float().cpu().numpy(),
+                    torch.cat([y for _, y in mapped]).numpy(), ts,
                     args.routing_map, f"experts per token on {len(images)} samples "
-                    f"({args.inference_routing} routing, {args.sampler} {args.steps} steps)")
+                    f"({args.inference_routing} routing, {args.sampler} {args.steps} steps, "
+                    f"guidance {args.cfg_scale})")
         print(f"wrote {args.routing_map}")
         training_batch_map(Path(args.routing_map).with_name(Path(args.routing_map).stem
                                                             + "_train.png"),

@@ -5,8 +5,10 @@ auxiliary losses (Table 6); does each step of the ablation help (Table 3); does 
 motivation applies, in a deep narrow model (S5); does the race give more experts to the tokens
 that carry the object (S3)?
 
-    python benchmarks/reproduce.py          # every method x 8 seeds; results in benchmarks/results
+    python benchmarks/reproduce.py          # 8 methods x 8 seeds; results in benchmarks/results
     python benchmarks/reproduce.py --methods "deep race -PLR,deep race +PLR"   # S5's pair, added
+    python benchmarks/reproduce.py --steps 1600 --out DIR --runs DIR2 --methods "race identity \
+        +threshold,race +threshold +PLR"   # PLR at the default run's length
     python benchmarks/reproduce.py --quick  # a smoke run: a few steps each, in a temporary folder
 
 Every run uses train.py's small-scale recipe (built-in 16x16 shapes, XS/4, lr 1e-3, batch 64, EMA),
@@ -144,11 +146,11 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
     x = torch.from_numpy(np.array(test.x)).float() / 127.5 - 1
     y = torch.from_numpy(test.y)
     t, noise = torch.randint(0, 1000, (len(x),), generator=g), torch.randn(x.shape, generator=g)
-    C = x.shape[1]                                              # a learned variance's half cut
+    C = x.shape[1]                                 # the epsilon channels (not a learned variance)
     mse = torch.cat([((model(d.q_sample(xb, tb, nb), tb, yb)[:, :C] - nb) ** 2).mean((1, 2, 3))
                      for xb, yb, tb, nb in zip(x.split(500), y.split(500), t.split(500),
                                                noise.split(500))])                 # (N,) per image
-    bins = t // (1000 // MSE_BINS)                                         # (N,) in 0..bins-1
+    bins = t * MSE_BINS // d.num_timesteps                            # (N,) in 0..MSE_BINS-1
     labels = torch.arange(10).repeat_interleave(args.samples_per_class)
     stats = R.ExpertsByTimestep()
     images = np.concatenate([
@@ -255,6 +257,9 @@ def critical_tokens(results, names, seeds):
     methods); "supports" means object patches get more experts than background at the same
     position and timestep."""
     names = [n for n in names if "experts_by_object" in results[f"{n} / seed 0"]]
+    # token-choice gives every token k experts by construction: its slope is exactly 0, no test
+    names = [n for n in names if any(results[f"{n} / seed {s}"]["experts_by_object"]["slope"]
+                                     for s in range(seeds))]
     slopes = {n: [results[f"{n} / seed {s}"]["experts_by_object"]["slope"] for s in range(seeds)]
               for n in names}
     return {n: dict(slopes=slopes[n], **v)
@@ -355,6 +360,9 @@ def main(argv=None):
             atomic_write(results_path,
                          lambda tmp_path: tmp_path.write_text(json.dumps(results, indent=1)))
             print(f"{key}: {results[key]['seconds']:.0f} s", flush=True)
+    # judged: every method with all its seeds in results.json, so that a later --methods adds
+    # to the table instead of replacing it
+    names = [n for n in METHODS if all(f"{n} / seed {s}" in results for s in range(args.seeds))]
     table, claims = verdicts(results, names, args.seeds)
     critical = critical_tokens(results, names, args.seeds)
     summary = dict(setup={k: v for k, v in vars(args).items()
