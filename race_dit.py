@@ -516,16 +516,21 @@ def moe_losses(aux, target):
     return out
 
 
+def experts_by_layer(aux):
+    """Experts each token uses in each MoE layer, (layers, B, L)."""
+    return torch.stack([a["mask"].float().sum(-1) for a in aux])
+
+
 def experts_per_token(aux):
     """Experts per token averaged over the MoE layers, (B, L): where the routing sends compute."""
-    return torch.stack([a["mask"].float().sum(-1) for a in aux]).mean(0)
+    return experts_by_layer(aux).mean(0)
 
 
 def experts_per_image(aux):
     """Mean experts per token of each image in each MoE layer, (layers, B): the quantity of the
     paper's Fig. 6. Training logs bin it by timestep; sample.py averages it at every sampling
     step."""
-    return torch.stack([a["mask"].float().sum(-1).mean(-1) for a in aux])
+    return experts_by_layer(aux).mean(-1)
 
 
 class ExpertsByTimestep:

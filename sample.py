@@ -99,7 +99,7 @@ def experts_per_token_at(model, diffusion, x0, y, timesteps, generator):
 
 
 @torch.no_grad()
-def training_batch_map(path, model, ckpt, n, timesteps, vae, args):
+def training_batch_map(path, model, diffusion, autocast, ckpt, n, timesteps, vae, args):
     """--routing-map's second picture: the first n training images, noised to the timesteps of
     the samples' map, with the same overlays."""
     a, device = ckpt["args"], next(model.parameters()).device
@@ -113,9 +113,9 @@ def training_batch_map(path, model, ckpt, n, timesteps, vae, args):
     torch.manual_seed(args.seed)                   # to_model_input's flips (latents: posterior)
     x0 = to_model_input(torch.stack([x for x, _ in items]).to(device), ds)
     y = torch.tensor([label for _, label in items], device=device)
-    g, d, bs = torch.Generator().manual_seed(args.seed), R.Diffusion(), args.batch_size
-    with autocast_for(args.precision, device)():
-        maps = torch.cat([experts_per_token_at(model, d, xb, yb, timesteps, g)
+    g, bs = torch.Generator().manual_seed(args.seed), args.batch_size
+    with autocast():
+        maps = torch.cat([experts_per_token_at(model, diffusion, xb, yb, timesteps, g)
                           for xb, yb in zip(x0.split(bs), y.split(bs))], dim=1)   # (T, n, L)
     images = to_uint8(torch.cat([vae.decode(xb / LATENT_SCALE).sample for xb in x0.split(bs)])
                       if ds.latent else x0)
@@ -284,7 +284,7 @@ def run(args, grid_max=256):
         print(f"wrote {args.routing_map}")
         training_batch_map(Path(args.routing_map).with_name(Path(args.routing_map).stem
                                                             + "_train.png"),
-                           model, ckpt, len(images), ts, vae, args)
+                           model, diffusion, autocast, ckpt, len(images), ts, vae, args)
     if stats.sums:
         result = stats.result()
         print(f"mean experts per token ({args.inference_routing} routing): {result['overall']:.3f} "
