@@ -27,9 +27,9 @@ import torch.nn.functional as F
 import race_dit as R
 from data import load_data, make_shapes, to_uint8
 from pictures import save_grid
-from runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, atomic_write, require, run_main,
-                  writable_folder)
-from sample import generate, load_model
+from runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, atomic_write, load_model, require,
+                  run_main, writable_folder)
+from sample import generate
 
 SUPPORTED = ("shapes", "cifar10", "fashion-mnist")
 

@@ -1,6 +1,7 @@
 """
 What keeps a run's files safe and its failures short, for every script: errors that end a script as
-one line on stderr, the argument parser, atomic writes, the run-folder lock and the checkpoint file.
+one line on stderr, the argument parser, atomic writes, the run-folder lock, the checkpoint file and
+the model it holds, and the precision (--precision) every script runs at.
 """
 import argparse
 import contextlib
@@ -9,11 +10,14 @@ import fcntl
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+import race_dit as R
 
 CKPT_FORMAT = "race-dit-checkpoint-v2"  # v2: granularity, scorer, recompute
 CKPT_KEYS = ("model", "ema", "opt", "step", "config", "args", "rng")
@@ -166,6 +170,47 @@ def load_checkpoint(path):
     missing = [k for k in CKPT_KEYS if k not in ckpt]
     require(not missing, f"{path} is incomplete: it has no {', '.join(missing)}")
     return ckpt
+
+
+def load_model(path, online=False, size=None):
+    """(model in eval mode, checkpoint) from a train.py checkpoint (the EMA weights unless online),
+    or from a bare reference DiT state_dict (e.g. DiT-XL-2-256x256.pt) given its size, e.g.
+    "XL/2"."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        sd = None  # load_checkpoint below names the problem
+    if isinstance(sd, dict) and "pos_embed" in sd:
+        require(size, f"{path} is a bare DiT state_dict: pass its size, e.g. --model XL/2")
+        ckpt = dict(args=dict(data="latents"), step=0, ema=sd, model=sd)
+        patch = int(size.split("/")[-1]) if re.fullmatch(r".*/[0-9]+", size) else 0
+        config = dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * patch, learn_sigma=True,
+                      in_channels=sd["x_embedder.proj.weight"].shape[1],
+                      num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+    else:
+        ckpt = load_checkpoint(path)
+    try:
+        cfg = R.Config(**ckpt["config"]) if "config" in ckpt else R.make_config(size, **config)
+        model = R.RaceDiT(cfg)
+        model.load_state_dict(ckpt["model" if online else "ema"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not match this model: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    return model.eval(), ckpt
+
+
+def use_bf16(precision, device):
+    """--precision (every script): bf16 autocast for bf16, and for auto on CUDA;
+    fp32 otherwise (auto on a CPU: bf16 autocast is slower there for the small models a CPU
+    runs)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast_for(precision, device):
+    """A context factory for --precision; on CUDA, TF32 matmuls are allowed too, as in DiT."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(precision, device))
 
 
 def keep_metrics(path, upto):

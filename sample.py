@@ -26,8 +26,8 @@ import torch.distributed as dist
 import race_dit as R
 from data import LATENT_SCALE, load_data, load_vae, to_model_input, to_uint8
 from pictures import experts_chart, routing_map, save_grid
-from runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, UserError, atomic_write, load_checkpoint,
-                  require, run_main, writable_folder)
+from runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, UserError, atomic_write, autocast_for,
+                  load_model, require, run_main, use_bf16, writable_folder)
 
 
 def parse_args(argv=None):
@@ -58,20 +58,6 @@ def parse_args(argv=None):
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast on CUDA (as train.py, whose thresholds it calibrated), fp32 on CPU")
     return p.parse_args(argv)
-
-
-def use_bf16(precision, device):
-    """--precision (train.py, sample.py, bench.py): bf16 autocast for bf16, and for auto on CUDA;
-    fp32 otherwise (auto on a CPU: bf16 autocast is slower there for the small models a CPU
-    runs)."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def autocast_for(precision, device):
-    """A context factory for --precision; on CUDA, TF32 matmuls are allowed too, as in DiT."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=use_bf16(precision, device))
 
 
 @torch.no_grad()
@@ -122,33 +108,6 @@ def training_batch_map(path, model, diffusion, autocast, ckpt, n, timesteps, vae
     routing_map(images, maps.float().cpu().numpy(), y.cpu().numpy(), timesteps, path,
                 f"experts per token on {len(y)} training images ({args.inference_routing} routing)")
     print(f"wrote {path}")
-
-
-def load_model(path, online=False, size=None):
-    """(model in eval mode, checkpoint) from a train.py checkpoint (the EMA weights unless online),
-    or from a bare reference DiT state_dict (e.g. DiT-XL-2-256x256.pt) given its size, e.g.
-    "XL/2"."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        sd = None  # load_checkpoint below names the problem
-    if isinstance(sd, dict) and "pos_embed" in sd:
-        require(size, f"{path} is a bare DiT state_dict: pass its size, e.g. --model XL/2")
-        ckpt = dict(args=dict(data="latents"), step=0, ema=sd, model=sd)
-        patch = int(size.split("/")[-1]) if re.fullmatch(r".*/[0-9]+", size) else 0
-        config = dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * patch, learn_sigma=True,
-                      in_channels=sd["x_embedder.proj.weight"].shape[1],
-                      num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
-    else:
-        ckpt = load_checkpoint(path)
-    try:
-        cfg = R.Config(**ckpt["config"]) if "config" in ckpt else R.make_config(size, **config)
-        model = R.RaceDiT(cfg)
-        model.load_state_dict(ckpt["model" if online else "ema"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path} does not match this model: "
-                        f"{str(e).splitlines()[0][:200]}") from None
-    return model.eval(), ckpt
 
 
 def weights_digest(model):

@@ -31,9 +31,9 @@ from data import LATENT_SCALE, BatchOrder, load_data, load_vae, to_model_input, 
 from evaluate import SUPPORTED as EVALUATED, Evaluator
 from pictures import plot_losses, save_grid
 from runs import (AT_LEAST_ZERO, DECAY, POSITIVE, POSITIVE_NUMBER, SEED, STEPS, WEIGHT, Diverged,
-                  Parser, UserError, keep_metrics, load_checkpoint, locked, require, run_main,
-                  save_checkpoint)
-from sample import autocast_for, generate
+                  Parser, UserError, autocast_for, keep_metrics, load_checkpoint, locked, require,
+                  run_main, save_checkpoint)
+from sample import generate
 
 
 def parse_args(argv=None, prog="train.py"):

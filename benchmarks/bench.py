@@ -26,8 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
-from runs import Parser, atomic_write  # noqa: E402
-from sample import autocast_for, use_bf16  # noqa: E402
+from runs import Parser, atomic_write, autocast_for, use_bf16  # noqa: E402
 
 DEFAULT = "S/2:dense,S/2:race:2in8,S/2:race:4in16,S/2:race:8in32,S/2:token:2in8,S/2:expert:2in8"
 

@@ -42,8 +42,8 @@ import train  # noqa: E402
 from data import load_data, to_uint8  # noqa: E402
 from evaluate import Evaluator  # noqa: E402
 from pictures import experts_chart, line_chart, save_grid  # noqa: E402
-from runs import Parser, atomic_write, load_checkpoint  # noqa: E402
-from sample import experts_per_token_at, generate, load_model  # noqa: E402
+from runs import Parser, atomic_write, load_checkpoint, load_model  # noqa: E402
+from sample import experts_per_token_at, generate  # noqa: E402
 
 NO_AUX = ["--plr-weight", "0", "--rsl-weight", "0"]
 # name -> (train.py flags, inference routing, training run it shares)
@@ -176,13 +176,14 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
 def t_cdf(x, df, intervals=2000):
     """Student's t distribution function. With u = sqrt(df) tan(a) its density integrates as
     c sqrt(df) cos(a)^(df - 1) over a bounded angle, which Simpson's rule handles for any |x|."""
+    if x < 0:
+        return 1 - t_cdf(-x, df, intervals)
     c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    top = math.atan(abs(x) / math.sqrt(df))
-    h = top / intervals
-    f = lambda a: math.cos(a) ** (df - 1)
-    area = h / 3 * sum((1 if i in (0, intervals) else 4 if i % 2 else 2) * f(i * h)
-                       for i in range(intervals + 1))
-    return min(1.0, 0.5 + math.exp(c) * math.sqrt(df) * area) if x >= 0 else 1 - t_cdf(-x, df)
+    a, h = np.linspace(0, math.atan(x / math.sqrt(df)), intervals + 1, retstep=True)
+    weights = np.where(np.arange(intervals + 1) % 2, 4.0, 2.0)
+    weights[[0, -1]] = 1.0                                                # Simpson: 1 4 2 ... 4 1
+    area = float(h / 3 * (weights @ np.cos(a) ** (df - 1)))
+    return min(1.0, 0.5 + math.exp(c) * math.sqrt(df) * area)
 
 
 def t_quantile(p, df):
@@ -346,7 +347,7 @@ def main(argv=None):
                 continue
             if not ((run / "ckpt.pt").exists()
                     and load_checkpoint(run / "ckpt.pt")["step"] >= args.steps):
-                every = dict(log=max(args.steps // 50, 1), save=max(args.steps // 4, 1))
+                every = dict(log=max(args.steps // 50, 1), save=max(args.steps // 2, 1))
                 size = str(args.image_size)
                 train.main(["--data", args.data, "--data-dir", args.data_dir, "--image-size", size,
                             "--steps", str(args.steps), "--seed", str(seed), "--sample-every", "0",
