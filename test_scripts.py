@@ -460,7 +460,7 @@ def stand_in_vae(x):  # 8x downsampling, 4 channels, fixed small variance
     return torch.cat([m, -m[:, :1]], 1), torch.full((len(x), 4, 2, 2), -30.0)
 
 
-def test_latent_format_round_trips(tmp_path):
+def test_latent_format_round_trips(tmp_path, monkeypatch):
     make_folder_dataset(tmp_path / "imgs")
     extract_latents.extract_latents(tmp_path / "imgs", tmp_path / "lat", 16, stand_in_vae, "cpu",
                                     4, 0)
@@ -481,6 +481,20 @@ def test_latent_format_round_trips(tmp_path):
     config = runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]
     # the flag, not the largest label
     assert config["in_channels"] == 4 and config["num_classes"] == 10
+    # The routing maps of a latent model: samples and the training latents decoded by the VAE
+    # (here an 8x nearest-neighbour stand-in), each image beside its maps.
+    decoded = []
+    def decode(z):
+        decoded.append(z.shape)
+        return argparse.Namespace(sample=F.interpolate(z[:, :3], scale_factor=8).clamp(-1, 1))
+    monkeypatch.setattr(sample, "load_vae", lambda *a: argparse.Namespace(decode=decode))
+    drawn = []
+    monkeypatch.setattr(sample, "routing_map", lambda images, maps, *a: drawn.append(
+        (images.shape, maps.shape)))
+    run_sample(str(tmp_path / "run" / "ckpt.pt"), "--labels", "0,1", "--num-samples", "2",
+               "--routing-map", str(tmp_path / "m.png"), "--out", "")
+    assert drawn == [((2, 16, 16, 3), (4, 2, 4)), ((2, 16, 16, 3), (4, 2, 4))]  # (T, N, L)
+    assert decoded == [(2, 4, 2, 2)] * 2                              # the samples, the batch
 
 
 @pytest.mark.parametrize("labels,message", [
@@ -787,15 +801,17 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypat
     assert critical["race identity"]["slopes"] == [results[f"race identity / seed {s}"][
         "experts_by_object"]["slope"] for s in (0, 1)]
     assert len(results["race identity / seed 0"]["heldout_mse_by_t"]) == 5
-    # A rerun after an interruption: one score lost, every checkpoint on disk. Nothing is retrained;
-    # the lost score is computed again from its checkpoint.
+    # A rerun after an interruption: one score lost, another scored with other sampling settings,
+    # every checkpoint on disk. Nothing is retrained; both are scored again from their checkpoints.
     lost = results.pop("race identity +threshold / seed 1")
+    results["race identity / seed 1"]["sample_steps"] = 50
     (tmp_path / "res" / "results.json").write_text(json.dumps(results))
     trained = []
     monkeypatch.setattr(reproduce.train, "main", trained.append)
     reproduce.main(argv)
     again = json.loads((tmp_path / "res" / "results.json").read_text())
     assert trained == [] and again["race identity +threshold / seed 1"]["steps"] == lost["steps"]
+    assert again["race identity / seed 1"]["sample_steps"] == 3                # --quick's
     assert again["race identity / seed 0"] == results["race identity / seed 0"]
 
 

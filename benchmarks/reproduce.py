@@ -158,7 +158,7 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
                           "ddim", stats))
         for i in range(0, len(labels), 250)])
     records = [json.loads(line) for line in open(Path(ckpt_path).parent / "metrics.jsonl")]
-    out = dict(heldout_mse=mse.mean().item(), steps=ckpt["step"],
+    out = dict(heldout_mse=mse.mean().item(), steps=ckpt["step"], sample_steps=args.sample_steps,
                heldout_mse_by_t=[mse[bins == b].mean().item() for b in range(MSE_BINS)],
                inference_routing=inference_routing,
                curve=[(r["step"], r["mse"]) for r in records],
@@ -342,8 +342,9 @@ def main(argv=None):
             flags, inference_routing, shared = METHODS[name]
             key, began = f"{name} / seed {seed}", time.time()
             run = runs / f"{(shared or name).replace(' ', '_')}_seed{seed}"
-            done = results.get(key, {})
-            if done.get("steps") == args.steps and all(k in done for k in METRICS):
+            done = results.get(key, {})     # scored already, with these settings: kept
+            if (done.get("steps"), done.get("n"), done.get("sample_steps")) == (
+                    args.steps, 10 * args.samples_per_class, args.sample_steps):
                 continue
             if not ((run / "ckpt.pt").exists()
                     and load_checkpoint(run / "ckpt.pt")["step"] >= args.steps):
