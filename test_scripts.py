@@ -492,9 +492,10 @@ def test_latent_format_round_trips(tmp_path, monkeypatch):
     monkeypatch.setattr(sample, "routing_map", lambda images, maps, *a: drawn.append(
         (images.shape, maps.shape)))
     run_sample(str(tmp_path / "run" / "ckpt.pt"), "--labels", "0,1", "--num-samples", "2",
-               "--routing-map", str(tmp_path / "m.png"), "--out", "")
+               "--routing-map", str(tmp_path / "m.png"), "--out", str(tmp_path / "g.png"))
     assert drawn == [((2, 16, 16, 3), (4, 2, 4)), ((2, 16, 16, 3), (4, 2, 4))]  # (T, N, L)
     assert decoded == [(2, 4, 2, 2)] * 2                              # the samples, the batch
+    assert np.load(tmp_path / "g.latents.npy").shape == (2, 4, 2, 2)
 
 
 @pytest.mark.parametrize("labels,message", [
