@@ -1,7 +1,7 @@
 """
 What keeps a run's files safe and its failures short, for every script: errors that end a script as
 one line on stderr, the argument parser, atomic writes, the run-folder lock, the checkpoint file and
-the model it holds, and the precision (--precision) every script runs at.
+the model it holds, and the precision of --precision (train.py, sample.py, bench.py).
 """
 import argparse
 import contextlib
@@ -200,7 +200,7 @@ def load_model(path, online=False, size=None):
 
 
 def use_bf16(precision, device):
-    """--precision (every script): bf16 autocast for bf16, and for auto on CUDA;
+    """--precision (train.py, sample.py, bench.py): bf16 autocast for bf16, and for auto on CUDA;
     fp32 otherwise (auto on a CPU: bf16 autocast is slower there for the small models a CPU
     runs)."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")

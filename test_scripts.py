@@ -339,7 +339,8 @@ train.main(sys.argv[1:])
 
 
 def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path):
-    # with accumulation (DDP's no_sync on all but the last micro-batch) and recomputation
+    # with accumulation (DDP's no_sync on all but the last micro-batch) and recomputation; the
+    # single-process tests compare recomputation with plain backward
     script = tmp_path / "record_thresholds.py"
     script.write_text(RECORD_THRESHOLDS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -806,6 +807,7 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypat
     # every checkpoint on disk. Nothing is retrained; both are scored again from their checkpoints.
     lost = results.pop("race identity +threshold / seed 1")
     results["race identity / seed 1"]["sample_steps"] = 50
+    results["race identity +threshold / seed 0"]["n"] = 1000                 # 100 per class
     (tmp_path / "res" / "results.json").write_text(json.dumps(results))
     trained = []
     monkeypatch.setattr(reproduce.train, "main", trained.append)
@@ -813,6 +815,7 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypat
     again = json.loads((tmp_path / "res" / "results.json").read_text())
     assert trained == [] and again["race identity +threshold / seed 1"]["steps"] == lost["steps"]
     assert again["race identity / seed 1"]["sample_steps"] == 3                # --quick's
+    assert again["race identity +threshold / seed 0"]["n"] == 20                # 2 per class
     assert again["race identity / seed 0"] == results["race identity / seed 0"]
 
 
@@ -861,7 +864,8 @@ def test_paired_statistics_against_hand_computed_cases():
     half = 4.3027 / math.sqrt(3)                                          # t(2) 0.975 x se
     assert test["ci"] == pytest.approx((2 - half, 2 + half), abs=1e-3)
     assert t_cdf(1e5, 2) == pytest.approx(1 - 0.5e-10, abs=1e-12)      # closed form at df 2
-    assert t_cdf(-3.0, 7) == pytest.approx(1 - t_cdf(3.0, 7)) and t_cdf(0.0, 3) == 0.5
+    assert t_cdf(-2.0, 1) == pytest.approx(0.5 - math.atan(2.0) / math.pi)   # Cauchy at df 1
+    assert t_cdf(0.0, 3) == 0.5
     levels, rejected = holm([0.01, 0.04, 0.03, 0.005])
     assert levels == pytest.approx([0.05 / 3, 0.05, 0.05 / 2, 0.05 / 4])
     assert rejected == [True, False, False, True]                        # 0.03 > 0.025 stops it

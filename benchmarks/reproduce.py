@@ -21,7 +21,8 @@ combination usage (Table 2) from the last training logs; experts per token by sa
 contribution relative to the residual stream. Each claim and metric gets a paired t-test over
 seeds (the runs of one seed share initial weights, data order, t and noise), Holm-corrected over
 the table: supports, contradicts, or no detectable effect with the smallest effect the seeds could
-have detected. Runs go seed by seed; finished ones are skipped, interrupted ones resume.
+have detected. Runs go seed by seed; a score made with the same --steps, --samples-per-class and
+--sample-steps is kept, others are computed again from their checkpoints; interrupted runs resume.
 """
 import json
 import math
@@ -74,6 +75,7 @@ CLAIMS = [("Table 6: race beats token-choice", "race full recipe (+RSL)", "token
           ("Table 3: PLR helps", "race +threshold +PLR", "race identity +threshold"),
           ("Table 3: RSL helps", "race full recipe (+RSL)", "race +threshold +PLR"),
           ("S5: PLR helps a deep narrow model", "deep race +PLR", "deep race -PLR")]
+CLASSES = 10                                    # of the shapes (and Fashion-MNIST) scored
 MSE_BINS = 5                                    # held-out epsilon-MSE by t: 0-199, ..., 800-999
 METRICS = {"accuracy": 1, "logp": 1, "kid": -1, "heldout_mse": -1}  # +1: higher is better
 COLOURS = [(0, 0, 0), (220, 50, 50), (50, 120, 220), (30, 160, 60), (230, 140, 0), (150, 60, 200),
@@ -151,7 +153,7 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
                      for xb, yb, tb, nb in zip(x.split(500), y.split(500), t.split(500),
                                                noise.split(500))])                 # (N,) per image
     bins = t * MSE_BINS // d.num_timesteps                            # (N,) in 0..MSE_BINS-1
-    labels = torch.arange(10).repeat_interleave(args.samples_per_class)
+    labels = torch.arange(CLASSES).repeat_interleave(args.samples_per_class)
     stats = R.ExpertsByTimestep()
     images = np.concatenate([
         to_uint8(generate(model, d, labels[i:i + 250], i, 0, args.sample_steps, 2.0, True,
@@ -169,7 +171,7 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
     if stats.sums:
         out.update(stats.result(), max_vio=float(np.mean([r["max_vio"] for r in records[-5:]])),
                    comb_usage=float(np.mean([r["comb_usage"] for r in records[-5:]])))
-    grid = np.concatenate([images[labels.numpy() == c][:10] for c in range(10)])
+    grid = np.concatenate([images[labels.numpy() == c][:10] for c in range(CLASSES)])
     return out, grid
 
 
@@ -344,7 +346,7 @@ def main(argv=None):
             run = runs / f"{(shared or name).replace(' ', '_')}_seed{seed}"
             done = results.get(key, {})     # scored already, with these settings: kept
             if (done.get("steps"), done.get("n"), done.get("sample_steps")) == (
-                    args.steps, 10 * args.samples_per_class, args.sample_steps):
+                    args.steps, CLASSES * args.samples_per_class, args.sample_steps):
                 continue
             if not ((run / "ckpt.pt").exists()
                     and load_checkpoint(run / "ckpt.pt")["step"] >= args.steps):
