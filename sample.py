@@ -176,8 +176,8 @@ def run(args, grid_max=256):
     if world > 1:
         dist.barrier()
 
-    map_steps = sorted({round(v) for v in np.linspace(0, args.steps - 1, 5)}) if args.routing_map \
-        else ()
+    # --routing-map: the sampling steps whose per-token maps are kept (5, fewer if --steps < 5)
+    map_steps = {round(v) for v in np.linspace(0, args.steps - 1, 5)} if args.routing_map else set()
     stats = R.ExpertsByTimestep(map_steps, guided=args.cfg_scale != 1)
     diffusion, shown, latents, mapped = R.Diffusion(), [], [], []     # mapped: (images, labels)
     mine = list(range(rank * args.batch_size, len(labels), world * args.batch_size))  # batch starts
