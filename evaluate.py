@@ -186,7 +186,7 @@ def evaluate(args):
     tick, images = time.time(), []
     for s in range(0, len(labels), args.batch_size):
         y = labels[s:s + args.batch_size]
-        x = generate(model, R.Diffusion(), y, s, args.seed, steps, cfg_scale, clip_x0=True)
+        x = generate(model, R.Diffusion.of(model.cfg), y, s, args.seed, steps, cfg_scale, True)
         images.append(to_uint8(x))
     images = np.concatenate(images)
     scores = dict(ckpt=str(args.ckpt), step=ckpt["step"], steps=steps, cfg_scale=cfg_scale,

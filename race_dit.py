@@ -10,6 +10,7 @@ leaves open and the choices made.
 Read top to bottom: configuration, DiT building blocks, the MoE layer (routing, dispatch,
 threshold), the model, the auxiliary losses and routing statistics, the Gaussian diffusion.
 """
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ SIZES = {"XS": (6, 192, 3), "XSD": (18, 112, 2), "S": (12, 384, 6), "B": (12, 76
          "M": (16, 960, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 ROUTINGS = ("race", "token", "expert", "dense")
 GATINGS = ("identity", "softmax", "sigmoid")
+SCHEDULES = ("linear", "cosine")
+LOSS_WEIGHTS = ("none", "min-snr")
+PREDICTIONS = ("eps", "v")
 
 
 @dataclass
@@ -54,6 +58,11 @@ class Config:
     granularity: int = 0          # expert width = mlp_ratio * D / granularity (S2); 0 means k
     gating: str = "identity"      # identity | softmax | sigmoid (S3, Table 1)
     threshold_decay: float = 0.99  # EMA decay of the inference threshold (S4, chosen)
+    # The diffusion the model is trained and sampled with (S7); the defaults are DiT's.
+    schedule: str = "linear"      # linear (DiT) | cosine (IDDPM)
+    loss_weight: str = "none"     # none (DiT) | min-snr: the MSE of step t weighed min(SNR, g)/SNR
+    min_snr_gamma: float = 5.0    # g of min-snr
+    prediction: str = "eps"       # eps (DiT) | v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho)
 
     def __post_init__(self):
         def need(ok, msg):
@@ -61,6 +70,13 @@ class Config:
                 raise ValueError(msg)
         need(self.routing in ROUTINGS, f"unknown routing {self.routing!r}; choose from {ROUTINGS}")
         need(self.gating in GATINGS, f"unknown gating {self.gating!r}; choose from {GATINGS}")
+        need(self.schedule in SCHEDULES,
+             f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
+        need(self.loss_weight in LOSS_WEIGHTS,
+             f"unknown loss weight {self.loss_weight!r}; choose from {LOSS_WEIGHTS}")
+        need(self.min_snr_gamma > 0, f"min-SNR gamma must be positive, got {self.min_snr_gamma}")
+        need(self.prediction in PREDICTIONS,
+             f"unknown prediction {self.prediction!r}; choose from {PREDICTIONS}")
         need(self.input_size % self.patch_size == 0,
              f"image size {self.input_size} is not divisible by the patch size {self.patch_size}")
         need(self.hidden_size % self.num_heads == 0, "hidden size must be divisible by the heads")
@@ -619,7 +635,8 @@ def calibrate_thresholds(model, diffusion, batches):
 
 
 # --------------------------------------------------------------------------------------------------
-# Gaussian diffusion (S7, chosen: DDPM, linear betas 1e-4..0.02, 1000 steps, epsilon prediction)
+# Gaussian diffusion (S7, chosen: DDPM, 1000 steps, epsilon prediction; DiT's linear schedule or
+# IDDPM's cosine one, with DiT's plain MSE or min-SNR weights)
 
 def schedule(ab):
     """Per-step quantities of a (possibly respaced) schedule from its alphas_cumprod (T,), all in
@@ -630,8 +647,11 @@ def schedule(ab):
     post_var = betas * (1 - ab_prev) / (1 - ab)                   # variance of q(x_{t-1} | x_t, x0)
     # It is 0 at t = 0: DiT (IDDPM) clips its log to the value at t = 1.
     post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(ab) > 1 else np.log(betas)
+    # DiT's fixed variance for a model without a learned one ("fixed large", IDDPM): beta_t, with
+    # the posterior's at t = 0
+    large_logvar = np.log(np.append(post_var[1], betas[1:])) if len(ab) > 1 else np.log(betas)
     return dict(ab=ab, ab_prev=ab_prev, betas=betas, log_betas=np.log(betas),
-                post_logvar=post_logvar,
+                post_logvar=post_logvar, large_logvar=large_logvar,
                 sqrt_ab=np.sqrt(ab), sqrt_1m_ab=np.sqrt(1 - ab),                       # q(x_t | x0)
                 sqrt_recip_ab=np.sqrt(1 / ab), sqrt_recipm1_ab=np.sqrt(1 / ab - 1),    # x0 from eps
                 coef_x0=betas * np.sqrt(ab_prev) / (1 - ab),                        # posterior mean
@@ -649,10 +669,10 @@ def posterior_mean(x0, xt, coef_x0, coef_xt):
     return coef_x0 * x0 + coef_xt * xt
 
 
-def learned_logvar(v, log_beta, post_logvar):
-    """DiT's learned variance (IDDPM): v in [-1, 1] interpolates log beta and the posterior's log
-    variance."""
-    frac = (v + 1) / 2
+def learned_logvar(var_out, log_beta, post_logvar):
+    """DiT's learned variance (IDDPM): the model's variance output in [-1, 1] interpolates log beta
+    and the posterior's log variance."""
+    frac = (var_out + 1) / 2
     return frac * log_beta + (1 - frac) * post_logvar
 
 
@@ -668,14 +688,56 @@ def discretized_log_likelihood(x, mean, log_scale):
                        torch.where(x > 0.999, log(1 - lower), log(upper - lower)))
 
 
+def alphas_cumprod(name, T=1000):
+    """The noise schedule's alpha-bar at t = 0..T-1, float64 (S7). linear: DiT's betas, 1e-4..0.02.
+    cosine: IDDPM's alpha-bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008,
+    with each beta clipped at 0.999. At 16x16 the linear schedule spends half of its steps at an SNR
+    below 0.1, where the image is nearly gone; the cosine one a fifth."""
+    if name == "linear":
+        return np.cumprod(1 - np.linspace(1e-4, 0.02, T, dtype=np.float64))
+    f = np.cos((np.arange(T + 1, dtype=np.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.cumprod(1 - np.minimum(1 - f[1:] / f[:-1], 0.999))
+
+
 class Diffusion:
-    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
-        self.num_timesteps = num_timesteps
-        # DiT's linear schedule
-        betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
-        self.alphas_cumprod = np.cumprod(1 - betas)
+    """DDPM on 1000 steps (S7). schedule: "linear" | "cosine"; loss_weight: "none" (DiT: the plain
+    MSE) | "min-snr" (Hang et al. 2023: the MSE of step t weighed so that it counts as the x0 MSE
+    times min(SNR(t), gamma): nearly clean steps, whose epsilon is hard to read and matters little,
+    stop dominating the gradient); prediction: "eps" (DiT) | "v". Diffusion.of(cfg) is the one a
+    model was trained with."""
+
+    def __init__(self, schedule_name="linear", loss_weight="none", min_snr_gamma=5.0,
+                 prediction="eps", num_timesteps=1000):
+        if (schedule_name, loss_weight, prediction) not in itertools.product(
+                SCHEDULES, LOSS_WEIGHTS, PREDICTIONS):
+            raise ValueError(f"unknown diffusion {schedule_name!r}, {loss_weight!r}, "
+                             f"{prediction!r}")
+        self.num_timesteps, self.loss_weight = num_timesteps, loss_weight
+        self.prediction = prediction
+        self.alphas_cumprod = alphas_cumprod(schedule_name, num_timesteps)
         self.tables = schedule(self.alphas_cumprod)
+        snr = self.alphas_cumprod / (1 - self.alphas_cumprod)                   # (T,)
+        # min-SNR in the target's units: the epsilon MSE is the x0 MSE times SNR, the v MSE times
+        # SNR / (SNR + 1)
+        self.tables["min_snr_weight"] = np.minimum(snr, min_snr_gamma) / (snr + (prediction == "v"))
         self.on_device = {}  # (name, device) -> float64 tensor: the schedule moves to a device once
+
+    @classmethod
+    def of(cls, cfg):
+        return cls(cfg.schedule, cfg.loss_weight, cfg.min_snr_gamma, cfg.prediction)
+
+    def target(self, x0, t, noise):
+        """What the model predicts: epsilon, or v = sqrt(ab) eps - sqrt(1 - ab) x0."""
+        if self.prediction == "eps":
+            return noise
+        return self._at("sqrt_ab", t, x0) * noise - self._at("sqrt_1m_ab", t, x0) * x0
+
+    def eps_from(self, pred, xt, t):
+        """Epsilon from the model's prediction (B, C, H, W) at x_t and t (B,): the prediction
+        itself, or sqrt(ab) v + sqrt(1 - ab) x_t."""
+        if self.prediction == "eps":
+            return pred
+        return self._at("sqrt_ab", t, xt) * pred + self._at("sqrt_1m_ab", t, xt) * xt
 
     def _at(self, name, t, x):
         """Schedule table `name` at t (B,) -> (B, 1, 1, 1), cast from float64 to x's dtype (at least
@@ -700,20 +762,26 @@ class Diffusion:
         xt = self.q_sample(x0, t, noise)
         out, aux = model(xt, t, y, return_aux=True)
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 autocast: losses in fp32
-        losses = dict(mse=F.mse_loss(out[:, :C], noise))
-        loss = losses["mse"]
+        target = self.target(x0, t, noise)                                # (B, C, H, W)
+        if self.loss_weight == "none":
+            losses = dict(mse=F.mse_loss(out[:, :C], target))
+            loss = losses["mse"]
+        else:  # min-snr: each sample's MSE weighed by its step's weight; "mse" stays unweighted
+            per_sample = ((out[:, :C] - target) ** 2).flatten(1).mean(1)           # (B,)
+            losses = dict(mse=per_sample.mean())
+            loss = (self._at("min_snr_weight", t, per_sample) * per_sample).mean()
         if out.shape[1] == 2 * C:  # DiT's hybrid loss: the bound trains the variance, not the mean
-            losses["vb"] = self.vb(out[:, :C].detach(), out[:, C:], x0.to(out.dtype),
-                                   xt.to(out.dtype), t)
+            eps = self.eps_from(out[:, :C].detach(), xt, t)
+            losses["vb"] = self.vb(eps, out[:, C:], x0.to(out.dtype), xt.to(out.dtype), t)
             loss = loss + losses["vb"]
         if aux:
-            losses.update(moe_losses(aux, noise))
+            losses.update(moe_losses(aux, target))
             loss = loss + rsl_weight * losses["rsl"] + balance_weight * losses["balance"]
             loss = loss + plr_weight * losses["plr"] if "plr" in losses else loss
         losses["loss"] = loss
         return losses, aux
 
-    def vb(self, eps, v, x0, xt, t):
+    def vb(self, eps, var_out, x0, xt, t):
         """The variational bound's term for each sample in bits per dimension, averaged (DiT,
         IDDPM): KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0
         at t = 0."""
@@ -723,7 +791,7 @@ class Diffusion:
         true_mean = posterior_mean(x0, xt, at["coef_x0"], at["coef_xt"])
         mean = posterior_mean(x0_pred, xt, at["coef_x0"], at["coef_xt"])
         true_logvar = at["post_logvar"]
-        logvar = learned_logvar(v, at["log_betas"], true_logvar)
+        logvar = learned_logvar(var_out, at["log_betas"], true_logvar)
         kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp()
                     + (true_mean - mean) ** 2 * (-logvar).exp())
         nll = -discretized_log_likelihood(x0, mean, 0.5 * logvar)
@@ -746,7 +814,7 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, y, shape, steps=250, method="ddpm", cfg_scale=1.0, generators=None,
-               clip_x0=False, eta=0.0, on_step=None):
+               clip_x0=False, eta=0.0, on_step=None, variance="small"):
         """Ancestral DDPM on respaced steps or DDIM (eta=0: deterministic). y (B,), shape (C, H, W).
         `generators`: one torch.Generator (CPU) per sample, so a sample does not depend on its
         batch. on_step(i, t, aux) is called after every model evaluation (routing statistics)."""
@@ -772,7 +840,7 @@ class Diffusion:
             if on_step is not None:
                 on_step(i, int(ts[i]), aux)
             out = out.float()
-            eps = out[:, :C]
+            eps = self.eps_from(out[:, :C], x, t)
             x0 = predict_x0(x, eps, at["sqrt_recip_ab"], at["sqrt_recipm1_ab"])
             if clip_x0:
                 x0 = x0.clamp(-1, 1)
@@ -782,7 +850,8 @@ class Diffusion:
                 x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - sigma ** 2) * eps
                 x = x + sigma * randn() if sigma > 0 else x
                 continue
-            logvar = torch.full_like(x, at["post_logvar"])
+            logvar = torch.full_like(x, at["post_logvar" if variance == "small" else
+                                           "large_logvar"])
             if out.shape[1] == 2 * C:
                 logvar = learned_logvar(out[:, C:], at["log_betas"], logvar)
             noise = torch.exp(0.5 * logvar) * randn() if i > 0 else 0

@@ -62,13 +62,13 @@ def parse_args(argv=None):
 
 @torch.no_grad()
 def generate(model, diffusion, y, first, seed, steps, cfg_scale, clip_x0, method="ddpm",
-             on_step=None):
+             on_step=None, variance="small"):
     """Samples for labels y, sample i seeded by (seed, first + i) alone: the same images whatever
     the batch size or process split (with threshold routing)."""
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + first + i) for i in range(len(y))]
     shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
     return diffusion.sample(model, y, shape, steps=steps, method=method, cfg_scale=cfg_scale,
-                            generators=gens, clip_x0=clip_x0, on_step=on_step)
+                            generators=gens, clip_x0=clip_x0, on_step=on_step, variance=variance)
 
 
 @torch.no_grad()
@@ -179,7 +179,8 @@ def run(args, grid_max=256):
     # --routing-map: the sampling steps whose per-token maps are kept (5, fewer if --steps < 5)
     map_steps = {round(v) for v in np.linspace(0, args.steps - 1, 5)} if args.routing_map else set()
     stats = R.ExpertsByTimestep(map_steps, guided=args.cfg_scale != 1)
-    diffusion, shown, latents, mapped = R.Diffusion(), [], [], []     # mapped: (images, labels)
+    diffusion = R.Diffusion.of(model.cfg)
+    shown, latents, mapped = [], [], []                              # mapped: (images, labels)
     mine = list(range(rank * args.batch_size, len(labels), world * args.batch_size))  # batch starts
     for b, s in enumerate(mine):
         part = parts / f"{s:08d}.npy" if parts else None

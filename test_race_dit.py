@@ -1,5 +1,6 @@
 """Tests for race_dit.py (model, routing, losses, diffusion). CPU only, no network."""
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -502,6 +503,7 @@ def test_guidance_scale_one_equals_conditional_prediction():
 
 @pytest.mark.parametrize("method", ["ddpm", "ddim"])
 def test_samplers_are_deterministic_and_batch_independent(method):
+    torch.manual_seed(0)       # weights independent of the tests before (no pair near a threshold)
     cfg = tiny("race", "2in8")
     model = randomize_zero_init(R.RaceDiT(cfg)).eval()
     d = R.Diffusion()
@@ -518,25 +520,104 @@ def test_samplers_are_deterministic_and_batch_independent(method):
 
 
 class GaussianOracle(torch.nn.Module):
-    """The exact epsilon predictor for data x0 ~ N(0, s^2):
-    E[eps | x_t] = sqrt(1-ab) x_t / (ab s^2 + 1 - ab)."""
+    """The exact predictor for data x0 ~ N(0, s^2), with a = sqrt(ab), b = sqrt(1 - ab):
+    E[eps | x_t] = b x_t / (a^2 s^2 + b^2), E[x0 | x_t] = a s^2 x_t / (a^2 s^2 + b^2), and
+    E[v | x_t] = a E[eps | x_t] - b E[x0 | x_t]."""
 
-    def __init__(self, s, diffusion):
+    def __init__(self, s, diffusion, prediction="eps"):
         super().__init__()
         self.s, self.ab = s, torch.tensor(diffusion.alphas_cumprod, dtype=torch.float32)
+        self.prediction = prediction
 
     def forward(self, x, t, y, return_aux=False):
-        ab = self.ab[t].view(-1, 1, 1, 1)
-        return (1 - ab).sqrt() * x / (ab * self.s ** 2 + 1 - ab), []
+        a, b = self.ab[t].view(-1, 1, 1, 1).sqrt(), (1 - self.ab[t].view(-1, 1, 1, 1)).sqrt()
+        eps, x0 = b * x / (a ** 2 * self.s ** 2 + b ** 2), a * self.s ** 2 * x / (
+            a ** 2 * self.s ** 2 + b ** 2)
+        return (eps if self.prediction == "eps" else a * eps - b * x0), []
 
 
+@pytest.mark.parametrize("schedule,prediction", [("linear", "eps"), ("cosine", "eps"),
+                                                 ("cosine", "v")])
 @pytest.mark.parametrize("method,steps", [("ddpm", 1000), ("ddim", 250)])
-def test_samplers_with_the_exact_denoiser_reproduce_gaussian_data(method, steps):
+def test_samplers_with_the_exact_denoiser_reproduce_gaussian_data(method, steps, schedule,
+                                                                  prediction):
     torch.manual_seed(0)
-    d = R.Diffusion()
+    d = R.Diffusion(schedule, prediction=prediction)
     y = torch.zeros(64, dtype=torch.long)
-    x = d.sample(GaussianOracle(0.5, d), y, (1, 16, 16), steps=steps, method=method)
+    x = d.sample(GaussianOracle(0.5, d, prediction), y, (1, 16, 16), steps=steps, method=method)
     assert x.std().item() == pytest.approx(0.5, rel=0.02) and abs(x.mean().item()) < 0.01
+
+
+def iddpm_cosine_alphas_cumprod(T=1000, s=0.008):
+    """IDDPM's cosine schedule (Nichol & Dhariwal 2021, eq. 17) as its betas_for_alpha_bar builds
+    it, one step at a time: beta_i = min(1 - f((i+1)/T) / f(i/T), 0.999),
+    f(u) = cos((u + s) / (1 + s) * pi / 2)^2."""
+    f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    ab, out = 1.0, []
+    for i in range(T):
+        ab *= 1 - min(1 - f((i + 1) / T) / f(i / T), 0.999)
+        out.append(ab)
+    return np.array(out)
+
+
+def test_the_cosine_schedule_is_iddpms_and_keeps_more_steps_at_a_readable_snr():
+    d = R.Diffusion("cosine")
+    np.testing.assert_allclose(d.alphas_cumprod, iddpm_cosine_alphas_cumprod(), rtol=1e-10)
+    assert d.tables["betas"][-1] == pytest.approx(0.999)                 # the clip binds at the end
+    snr = lambda ab: ab / (1 - ab)
+    below = lambda d, level: (snr(d.alphas_cumprod) < level).mean()
+    # steps at an SNR below 0.1: about half of the linear schedule's, a fifth of the cosine one's
+    assert below(R.Diffusion(), 0.1) == pytest.approx(0.5, abs=0.03)
+    assert below(d, 0.1) == pytest.approx(0.2, abs=0.03)
+
+
+class FixedOutput(torch.nn.Module):
+    """A stand-in model whose prediction is a given tensor, whatever its input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, t, y, return_aux=False):
+        return self.out, []
+
+
+def test_min_snr_weighs_each_samples_mse_by_its_hand_computed_snr():
+    t = torch.tensor([0, 10, 300, 999])
+    g = torch.Generator().manual_seed(0)
+    x0, noise, out = (torch.randn(4, 3, 4, 4, generator=g) for _ in range(3))
+    per_sample = ((out - noise) ** 2).mean((1, 2, 3)).double()
+    # DiT's betas written out: beta_i = 1e-4 + i (0.02 - 1e-4) / 999; SNR = ab / (1 - ab)
+    ab = [math.prod(1 - (1e-4 + i * (0.02 - 1e-4) / 999) for i in range(s + 1)) for s in t]
+    snr = torch.tensor([a / (1 - a) for a in ab], dtype=torch.float64)
+    weights = snr.clamp(max=5) / snr                    # 5e-4 at t = 0 (SNR 1e4), 1 where SNR < 5
+    assert weights[0] == pytest.approx(5 / 9999) and weights[-1] == 1
+    losses, _ = R.Diffusion("linear", "min-snr", 5.0).training_losses(
+        FixedOutput(out), x0, None, t=t, noise=noise)
+    assert losses["loss"].item() == pytest.approx((weights * per_sample).mean().item(), rel=1e-6)
+    assert losses["mse"].item() == pytest.approx(per_sample.mean().item(), rel=1e-6)  # unweighted
+    plain, _ = R.Diffusion().training_losses(FixedOutput(out), x0, None, t=t, noise=noise)
+    assert plain["loss"].item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    # v-prediction: the target is sqrt(ab) eps - sqrt(1 - ab) x0, its weight min(SNR, 5) / (SNR + 1)
+    a, b = (torch.tensor(v, dtype=torch.float64).view(-1, 1, 1, 1) ** 0.5
+            for v in (ab, [1 - v for v in ab]))
+    per_sample_v = ((out - (a * noise - b * x0)) ** 2).mean((1, 2, 3))
+    v_losses, _ = R.Diffusion("linear", "min-snr", 5.0, "v").training_losses(
+        FixedOutput(out), x0, None, t=t, noise=noise)
+    assert v_losses["mse"].item() == pytest.approx(per_sample_v.mean().item(), rel=1e-6)
+    weights_v = snr.clamp(max=5) / (snr + 1)
+    assert v_losses["loss"].item() == pytest.approx((weights_v * per_sample_v).mean().item(),
+                                                    rel=1e-6)
+
+
+def test_a_config_without_diffusion_fields_keeps_dits_diffusion():
+    old = {k: v for k, v in dataclasses.asdict(tiny()).items()
+           if k not in ("schedule", "loss_weight", "min_snr_gamma", "prediction")}  # an old one
+    d = R.Diffusion.of(R.Config(**old))
+    assert (d.loss_weight, d.prediction) == ("none", "eps")
+    np.testing.assert_array_equal(d.alphas_cumprod, R.Diffusion().alphas_cumprod)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        tiny(schedule="sigmoid")
 
 
 # DiT's space_timesteps(1000, [n]) written out: a stride of 999 / (n - 1) rounded half to even, so

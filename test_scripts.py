@@ -243,6 +243,56 @@ def test_resume_continues_exactly(tmp_path):
         assert lb[s] == pytest.approx(la[s], rel=1e-6)
 
 
+DIFFUSION_FIELDS = ("schedule", "loss_weight", "min_snr_gamma", "prediction")
+
+
+def test_the_runs_diffusion_is_saved_and_used_by_resume_sample_and_evaluate(tmp_path, capsys):
+    recipe = ["--schedule", "cosine", "--loss-weight", "min-snr", "--min-snr-gamma", "2",
+              "--prediction", "v"]
+    run_train(tmp_path, "--sample-every", "0", *recipe)
+    ckpt = runs.load_checkpoint(tmp_path / "ckpt.pt")
+    assert [ckpt["config"][k] for k in DIFFUSION_FIELDS] == ["cosine", "min-snr", 2.0, "v"]
+    base = [*FAST, "--out", str(tmp_path), "--resume", "--steps", "6"]
+    expect_error(capsys, train.main, base + ["--schedule", "linear", "--loss-weight", "min-snr",
+                                             "--prediction", "v"],
+                 "schedule=cosine in the checkpoint, linear now; min_snr_gamma=2.0 in the")
+    # sample.py and evaluate.py sample with the checkpoint's diffusion: the same images as the
+    # cosine v diffusion gives, not DiT's
+    sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--steps", "4", "--labels", "0,1,2",
+                 "--npz", str(tmp_path / "s.npz"), "--out", ""])
+    model, _ = runs.load_model(tmp_path / "ckpt.pt")
+    made = lambda d: data.to_uint8(sample.generate(model, d, torch.tensor([0, 1, 2]), 0, 0, 4,
+                                                    1.5, True))
+    got = np.load(tmp_path / "s.npz")["arr_0"]
+    assert np.array_equal(got, made(R.Diffusion("cosine", prediction="v"))) and not np.array_equal(
+        got, made(R.Diffusion()))
+    evaluate_uses = []
+    real = R.Diffusion.of
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R.Diffusion, "of", lambda cfg: evaluate_uses.append(cfg.schedule) or real(cfg))
+        mp.setattr(evaluate, "Evaluator", lambda *a: argparse.Namespace(score=lambda *b: {}))
+        evaluate.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--per-class", "1", "--steps", "2"])
+    assert evaluate_uses and set(evaluate_uses) == {"cosine"}
+
+
+def test_a_checkpoint_from_before_the_diffusion_options_keeps_dits_diffusion(tmp_path, capsys):
+    run_train(tmp_path / "new", "--sample-every", "0", "--schedule", "linear",
+              "--loss-weight", "none")
+    state = torch.load(tmp_path / "new" / "ckpt.pt", weights_only=True)
+    for k in DIFFUSION_FIELDS:
+        del state["config"][k]
+    (tmp_path / "old").mkdir()
+    torch.save(state, tmp_path / "old" / "ckpt.pt")
+    model, _ = runs.load_model(tmp_path / "old" / "ckpt.pt")
+    assert (model.cfg.schedule, model.cfg.loss_weight, model.cfg.prediction) == (
+        "linear", "none", "eps")
+    argv = [*FAST, "--out", str(tmp_path / "old"), "--resume", "--steps", "6"]
+    expect_error(capsys, train.main, argv + ["--schedule", "cosine"],
+                 "schedule=linear in the checkpoint, cosine now")
+    train.main(argv + ["--schedule", "linear", "--loss-weight", "none", "--sample-every", "0"])
+    assert runs.load_checkpoint(tmp_path / "old" / "ckpt.pt")["step"] == 6
+
+
 def test_a_restart_without_checkpoint_drops_the_killed_runs_records(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=2, loss=5.0)) + "\n")
     run_train(tmp_path, "--sample-every", "0")

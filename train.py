@@ -57,6 +57,13 @@ def parse_args(argv=None, prog="train.py"):
     a("--balance-weight", type=WEIGHT, default=0.0,
       help="switch balance loss (token-choice baseline)")
     a("--threshold-decay", type=DECAY, default=0.99, help="EMA of the race cutoff (S4)")
+    a("--schedule", default="linear", choices=R.SCHEDULES,
+      help="noise schedule: linear (DiT) or cosine (IDDPM)")
+    a("--loss-weight", default="none", choices=R.LOSS_WEIGHTS,
+      help="weight of each timestep's MSE: none (DiT) or min-snr (min(SNR, gamma) / SNR)")
+    a("--min-snr-gamma", type=POSITIVE_NUMBER, default=5.0, help="gamma of --loss-weight min-snr")
+    a("--prediction", default="eps", choices=R.PREDICTIONS,
+      help="what the model predicts: eps (DiT) or v = sqrt(ab) eps - sqrt(1 - ab) x0")
     a("--lr", type=POSITIVE_NUMBER, default=1e-3, help="peak learning rate (paper: 1e-4)")
     a("--warmup", type=AT_LEAST_ZERO, default=100,
       help="linear learning-rate warm-up steps (paper: 0)")
@@ -101,6 +108,8 @@ def model_config(args, ds):
         return R.make_config(args.model, None if args.routing == "dense" else args.experts,
                              routing=args.routing, gating=args.gating, granularity=args.granularity,
                              threshold_decay=args.threshold_decay, input_size=shape[-1],
+                             schedule=args.schedule, loss_weight=args.loss_weight,
+                             min_snr_gamma=args.min_snr_gamma, prediction=args.prediction,
                              learn_sigma=learn_sigma, num_classes=ds.num_classes,
                              in_channels=shape[0] // 2 if ds.latent else shape[0])
     except ValueError as e:
@@ -110,8 +119,9 @@ def model_config(args, ds):
 def check_resume(ckpt, cfg, args, world):
     """What defines the run must match the checkpoint; lr, loss weights, --steps and logging may
     change."""
-    diff = [f"{k}={v} in the checkpoint, {getattr(cfg, k)} now" for k, v in ckpt["config"].items()
-            if getattr(cfg, k, None) != v]
+    saved = dataclasses.asdict(R.Config(**ckpt["config"]))  # fields it lacks: their defaults
+    diff = [f"{k}={v} in the checkpoint, {getattr(cfg, k)} now" for k, v in saved.items()
+            if getattr(cfg, k) != v]
     diff += [f"{k}={ckpt['args'].get(k)} in the checkpoint, {getattr(args, k)} now"
              for k in ("data", "image_size", "batch_size", "grad_accum", "seed")
              if ckpt["args"].get(k) != getattr(args, k)]
@@ -347,7 +357,7 @@ def train(args):
               f"on {args.data} {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}: "
               f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M activated; "
               f"{world} process(es) on {device}")
-    diffusion = R.Diffusion()
+    diffusion = R.Diffusion.of(cfg)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)

@@ -57,7 +57,7 @@ def saved_bytes(model, args, batch, device):
     x0 = torch.randn(batch, args.channels, S, S, device=device)
     y = torch.randint(0, args.num_classes, (batch,), device=device)
     with torch.autocast(device.type, torch.bfloat16), saved_for_backward() as seen:
-        R.Diffusion().training_losses(model, x0, y)
+        R.Diffusion.of(model.cfg).training_losses(model, x0, y)
     return sum(seen.values())
 
 
@@ -159,7 +159,7 @@ def main(argv=None):
     specs = args.models.split(",")
     models = {s: build(s, args, device) for s in specs}
     opts = {s: torch.optim.AdamW(m.parameters(), lr=1e-4) for s, m in models.items()}
-    diffusion = R.Diffusion()
+    diffusion = R.Diffusion.of(models[specs[0]].cfg)  # every model here has the same recipe
     B, C, S = args.batch_size, args.channels, args.image_size
     x0 = torch.randn(B, C, S, S, device=device)
     y = torch.randint(0, args.num_classes, (B,), device=device)

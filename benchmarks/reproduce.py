@@ -126,7 +126,7 @@ def experts_by_object(model, test, timesteps=(100, 300, 500, 700, 900), n=500):
     token (mean over layers, the model's inference routing) against the fraction of the token's
     patch the object covers (exact masks of the built-in shapes), within each (position,
     timestep) cell, so that neither where a patch sits nor the noise level can make the slope."""
-    p, d, n = model.cfg.patch_size, R.Diffusion(), min(n, len(test.y))
+    p, d, n = model.cfg.patch_size, R.Diffusion.of(model.cfg), min(n, len(test.y))
     x = torch.from_numpy(np.array(test.x[:n])).float() / 127.5 - 1
     y = torch.from_numpy(test.y[:n])
     masks = torch.from_numpy(test.masks[:n]).float()[:, None]             # (n, 1, S, S)
@@ -143,13 +143,14 @@ def experts_by_object(model, test, timesteps=(100, 300, 500, 700, 900), n=500):
 def score(ckpt_path, inference_routing, test, evaluator, args):
     model, ckpt = load_model(ckpt_path)
     R.set_inference_routing(model, inference_routing)
-    d = R.Diffusion()
+    d = R.Diffusion.of(model.cfg)
     g = torch.Generator().manual_seed(1234)                           # the same noise for every run
     x = torch.from_numpy(np.array(test.x)).float() / 127.5 - 1
     y = torch.from_numpy(test.y)
     t, noise = torch.randint(0, 1000, (len(x),), generator=g), torch.randn(x.shape, generator=g)
     C = x.shape[1]                                 # the epsilon channels (not a learned variance)
-    mse = torch.cat([((model(d.q_sample(xb, tb, nb), tb, yb)[:, :C] - nb) ** 2).mean((1, 2, 3))
+    eps = lambda xt, tb, yb: d.eps_from(model(xt, tb, yb)[:, :C], xt, tb)     # of any prediction
+    mse = torch.cat([((eps(d.q_sample(xb, tb, nb), tb, yb) - nb) ** 2).mean((1, 2, 3))
                      for xb, yb, tb, nb in zip(x.split(500), y.split(500), t.split(500),
                                                noise.split(500))])                 # (N,) per image
     bins = t * MSE_BINS // d.num_timesteps                            # (N,) in 0..MSE_BINS-1
