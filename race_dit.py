@@ -328,15 +328,19 @@ class MoE(nn.Module):
         # Group ends per expert, found in the sorted pairs without a host sync.
         ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
         # Dispatch: only the P selected pairs are computed; an expert may get any load, zero
-        # included. Tokens are cast to the compute dtype before the gather: N rows cast, not
-        # P = k * N.
-        tokens = xf.to(compute_dtype(xf)).index_select(0, token)          # (P, D)
+        # included. Gathered in x's dtype (fp32 under autocast), then cast: backward then adds a
+        # token's up to E gradients in fp32, as it would for one dense matmul's input.
+        tokens = xf.index_select(0, token).to(compute_dtype(xf))          # (P, D)
         hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
         out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
         # Each output weighed by its pair's score (S3: the gating function of the scores).
         pair_scores = scores.reshape(-1).index_select(0, token * E + expert)  # (P,)
         out = out * pair_scores.unsqueeze(1).to(out.dtype)                # (P, D)
-        y = torch.zeros(N, D, device=x.device, dtype=out.dtype).index_add_(0, token, out)  # (N, D)
+        # Combined in (at least) fp32 and rounded once to the experts' dtype, as a dense MLP's
+        # output is: a bf16 sum would round after each of a token's up to E adds.
+        acc = torch.promote_types(out.dtype, torch.float32)
+        y = torch.zeros(N, D, device=x.device, dtype=acc).index_add_(0, token, out.to(acc))
+        y = y.to(out.dtype)                                               # (N, D)
         mask = torch.zeros(E * N, dtype=torch.bool, device=x.device).index_fill_(0, pairs, True)
         layer_aux = dict(logits=logits.view(B, L, E), mask=mask.view(E, B, L).permute(1, 2, 0),
                          cutoff=cutoff)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import race_dit as R
 from conftest import batch, randomize_zero_init, tiny
@@ -249,6 +250,35 @@ def test_dispatch_equals_naive_reference_forward_and_gradients(routing, gating, 
         if n.startswith("plr_head"):
             continue                                               # PLR head: not on the MoE output
         torch.testing.assert_close(p.grad, pr.grad, msg=n)
+
+
+class DtypesOf(TorchFunctionMode):
+    """Records the dtype of the tensor each call of the named functions reads or adds into."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names, self.seen = names, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.names:
+            self.seen.append((name, args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_bf16_autocast_the_dispatch_gathers_and_combines_in_fp32():
+    """The combine adds a token's k (up to E) expert outputs in fp32 and rounds once (bf16
+    atomics on CUDA round after every add); the gather reads the fp32 input, so that its backward
+    adds the k gradients into fp32 too. The experts themselves run in bf16."""
+    cfg = tiny("race", "8in8", granularity=8)                     # every token takes every expert
+    layer, x = R.MoE(cfg), torch.randn(2, 16, 32, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16), DtypesOf({"index_select", "index_add_"}) as mode:
+        y, layer_aux = layer(x)
+    assert layer_aux["mask"].all() and y.dtype == torch.bfloat16
+    assert ("index_add_", torch.float32) in mode.seen and ("index_select", torch.float32) in \
+        mode.seen and all(dtype == torch.float32 for _, dtype in mode.seen)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
 
 
 def test_grouped_mm_only_where_it_has_its_fast_path():

@@ -969,6 +969,58 @@ def test_gpu_check_writes_every_stage_keeps_them_on_a_crash_and_needs_cuda_for_f
     assert "loss_falls" in kept and "bench" not in kept
 
 
+class NaNGrad(torch.autograd.Function):
+    """Identity forward; backward writes NaN into one element of the gradient."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clone().index_fill_(0, torch.tensor([0]), float("nan"))
+
+
+@pytest.mark.parametrize("broken", ["output", "input gradient", "weight gradient"])
+def test_gpu_checks_grouped_stage_fails_on_a_nan_in_any_of_its_tensors(broken):
+    from benchmarks import gpu_check
+    cpu = torch.device("cpu")
+    assert gpu_check.grouped_equals_loop(cpu, torch.float32)["ok"]          # the real kernel passes
+
+    def nan_in(x, w, ends, grouped):
+        if grouped and broken == "input gradient":
+            x = NaNGrad.apply(x)
+        if grouped and broken == "weight gradient":
+            w = NaNGrad.apply(w)
+        y = R.grouped_matmul(x, w, ends, grouped=grouped)
+        return y.index_fill(0, torch.tensor([5]), float("nan")) if grouped and broken == "output" \
+            else y
+    result = gpu_check.grouped_equals_loop(cpu, torch.float32, nan_in)
+    assert not result["ok"] and math.isnan(result["max_relative_error"])
+
+
+def test_gpu_checks_grouped_stage_fails_on_an_unwritten_empty_expert_gradient():
+    from benchmarks import gpu_check
+
+    class Unwritten(torch.autograd.Function):  # the empty expert's weight gradient left as garbage
+        @staticmethod
+        def forward(ctx, w, empty):
+            ctx.empty = empty
+            return w.view_as(w)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.clone().index_fill_(0, ctx.empty, 1e-30), None
+
+    def unwritten(x, w, ends, grouped):
+        empty = (torch.diff(ends, prepend=ends.new_zeros(1)) == 0).nonzero().flatten()
+        return R.grouped_matmul(x, Unwritten.apply(w, empty) if grouped else w, ends,
+                                grouped=grouped)
+    result = gpu_check.grouped_equals_loop(torch.device("cpu"), torch.float32, unwritten)
+    assert not result["ok"] and result["max_relative_error"] < 1e-5     # only the zero check fails
+    assert result["empty_expert_grad_zero"] == dict(first=False, middle=False, last=False)
+
+
 def test_gpu_check_largest_batch_stops_at_either_form_of_out_of_memory(tmp_path, monkeypatch):
     from benchmarks import gpu_check
     cpu = torch.device("cpu")

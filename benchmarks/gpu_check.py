@@ -3,8 +3,9 @@ One command for whoever has a GPU for a few minutes (about 5 minutes on one H100
 
     python benchmarks/gpu_check.py --json benchmarks/gpu_check.json
 
-1. grouped GEMM vs the loop over experts in bf16, forward and backward, with an expert that
-   gets no rows;
+1. grouped GEMM vs the loop over experts in bf16, forward and backward, on a NaN-poisoned
+   allocator, with an expert that gets no rows first, in the middle and last (its weight gradient
+   must be exactly zero);
 2. train.py's own step (latent data through the pinned loader, accumulation, AdamW, the thresholds
    averaged over a one-process group, the EMA) at B/2-2in8, 2 micro-batches of 32, under
    torch.cuda.set_sync_debug_mode("error"), with and without --recompute;
@@ -19,6 +20,7 @@ to run without CUDA.
 import argparse
 import gc
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -40,18 +42,44 @@ TINY = dict(model="XS/8", big="XS/8", batch=4, sync_batch=4, steps=6, size=8, li
 FULL = dict(model="B/2", big="XL/2", batch=256, sync_batch=32, steps=50, size=32, limit=4096)
 
 
-def grouped_equals_loop(device, dtype):
+def poison_allocator(device, shape, dtype):
+    """Allocate and free a NaN-filled block: memory a kernel forgets to write then reads as NaN,
+    not as the zeros a fresh process's allocations often hold."""
+    block = torch.full(shape, float("nan"), device=device, dtype=dtype)
+    del block
+
+
+def grouped_equals_loop(device, dtype, matmul=R.grouped_matmul):
+    """The grouped GEMM against the loop over experts, forward and backward (a fixed upstream
+    gradient, so that each of output, input gradient and weight gradient is judged on its own),
+    with an empty expert first, in the middle and last. ok needs every error finite and below
+    2e-2, and the empty expert's weight gradient exactly zero (pytorch/pytorch#172439 leaves it
+    unwritten)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(96, 64, generator=g).to(device, dtype).requires_grad_()
-    w = torch.randn(4, 64, 32, generator=g).to(device, dtype).requires_grad_()
-    ends = torch.tensor([30, 30, 70, 96], device=device)                  # expert 1: zero rows
-    out = {}
-    for grouped in (True, False):
-        y = R.grouped_matmul(x, w, ends, grouped=grouped)
-        out[grouped] = (y, *torch.autograd.grad(y.float().square().sum(), (x, w)))
-    errors = [(a.float() - b.float()).abs().max().item() / (b.float().abs().max().item() + 1e-6)
-              for a, b in zip(out[True], out[False])]
-    return dict(max_relative_error=max(errors), ok=max(errors) < 2e-2)
+    x = torch.randn(96, 64, generator=g).to(device, dtype)
+    w = torch.randn(4, 64, 32, generator=g).to(device, dtype)
+    up = torch.randn(96, 32, generator=g).to(device, dtype)               # upstream gradient
+    # where the empty expert is -> (its index, group ends)
+    cases = {"first": (0, [0, 30, 70, 96]), "middle": (1, [30, 30, 70, 96]),
+             "last": (3, [30, 60, 96, 96])}
+    errors, empty_zero = {}, {}
+    for where, (empty, ends) in cases.items():
+        ends = torch.tensor(ends, device=device)
+        out = {}
+        for grouped in (True, False):
+            poison_allocator(device, (4 * 96, 64), dtype)
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y = matmul(xg, wg, ends, grouped=grouped)
+            out[grouped] = (y, *torch.autograd.grad(y, (xg, wg), up))
+        empty_zero[where] = bool((out[True][2][empty] == 0).all())
+        errors[where] = [(a.float() - b.float()).abs().max().item()
+                         / (b.float().abs().max().item() + 1e-6)
+                         for a, b in zip(out[True], out[False])]
+    flat = [e for errs in errors.values() for e in errs]                  # output, dx, dw per case
+    finite = all(math.isfinite(e) for e in flat)
+    return dict(max_relative_error=max(flat) if finite else float("nan"),
+                errors=errors, empty_expert_grad_zero=empty_zero,
+                ok=finite and max(flat) < 2e-2 and all(empty_zero.values()))
 
 
 class Run:
