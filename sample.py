@@ -155,6 +155,8 @@ def run(args, grid_max=256):
                     f"--npz of a latent model needs the VAE to decode its samples: {e}")
             print(f"note: {e}; writing latents only. Decode them with diffusers: "
                   f"AutoencoderKL.from_pretrained('{args.vae}').decode(z / {LATENT_SCALE}).sample")
+    if device.type == "cuda":  # NCCL's barriers use the current device: this process's own
+        torch.cuda.set_device(device)
     if world > 1:  # bounded: a process that died makes the others fail instead of wait forever
         timeout = datetime.timedelta(minutes=10)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
@@ -164,6 +166,7 @@ def run(args, grid_max=256):
     meta = dict(weights_sha256=digest, online=args.online, inference_routing=args.inference_routing,
                 precision="bf16" if use_bf16(args.precision, device) else "fp32",
                 sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                diffusion=[cfg.schedule, cfg.prediction],
                 batch_size=args.batch_size,
                 labels_sha256=hashlib.sha256(labels.numpy().tobytes()).hexdigest(), n=len(labels))
     if parts is not None and rank == 0:

@@ -293,6 +293,46 @@ def test_a_checkpoint_from_before_the_diffusion_options_keeps_dits_diffusion(tmp
     assert runs.load_checkpoint(tmp_path / "old" / "ckpt.pt")["step"] == 6
 
 
+def test_a_resumed_run_keeps_no_map_of_the_checkpoint_it_loaded(tmp_path, monkeypatch):
+    """Mapped, the loaded file's blocks would stay on disk after the next save replaces it (45 GB
+    at XL/2-4in32); the optimizer state is the part load_state_dict would keep as given."""
+    run_train(tmp_path, "--sample-every", "0")
+    maps, real_step = [], train.train_step
+
+    def step(*a, **kw):
+        maps.append([line for line in Path("/proc/self/maps").read_text().splitlines()
+                     if "ckpt.pt" in line])
+        return real_step(*a, **kw)
+    monkeypatch.setattr(train, "train_step", step)
+    run_train(tmp_path, "--sample-every", "0", "--resume", steps=6)
+    assert len(maps) == 2 and maps == [[], []]
+
+
+class HostTensors(TorchFunctionMode):
+    """Records the size of every host tensor that a torch call returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.device.type == "cpu":
+            self.sizes.append(out.numel())
+        return out
+
+
+def test_the_model_is_built_on_its_device_not_on_the_host(tmp_path):
+    args = train.parse_args([*FAST, "--out", str(tmp_path)])
+    cfg = R.make_config("XS/8", "2in8", input_size=16, in_channels=3, num_classes=10)
+    with HostTensors() as host:
+        model, ema, opt = train.build(cfg, args, torch.device("meta"))   # meta stands in for a GPU
+    tensors = [*model.parameters(), *model.buffers(), *ema.parameters(), *ema.buffers()]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    # on the host: the sin-cos table (4 tokens x 192) at most, no weight (an expert's w1: 8x192x384)
+    assert host.sizes and max(host.sizes) <= 4 * 192
+
+
 def test_a_restart_without_checkpoint_drops_the_killed_runs_records(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=2, loss=5.0)) + "\n")
     run_train(tmp_path, "--sample-every", "0")

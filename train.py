@@ -135,11 +135,15 @@ def check_resume(ckpt, cfg, args, world):
 # The training step
 
 def build(cfg, args, device):
-    """The model, its EMA copy and AdamW, as every run starts them."""
-    model = R.RaceDiT(cfg).to(device)
+    """The model, its EMA copy and AdamW, as every run starts them. The model is created on its
+    device (an XL model built on the host would cost each process its size in host memory and a
+    slow CPU initialisation); AdamW is fused on CUDA (no full-size temporaries in its step)."""
+    with torch.device(device):
+        model = R.RaceDiT(cfg).to(device)               # .to: the sin-cos table is made on the host
     model.recompute = args.recompute
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
+                            fused=device.type == "cuda")
     return model, ema, opt
 
 
@@ -344,12 +348,15 @@ def train(args):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        for state in opt.state.values():  # host tensors are kept as given: views of the mapped file
+            state.update({k: v.clone() for k, v in state.items() if v.device.type == "cpu"})
         start, rng = ckpt["step"], ckpt["rng"][rank]
         torch.set_rng_state(rng["cpu"])
         if cuda and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"], device)
         if rank == 0:
             print(f"resumed {ckpt_path} at step {start}")
+        del ckpt, rng  # copied: unmap the file, whose blocks would stay on disk once it is replaced
     if rank == 0:
         keep_metrics(metrics, start)
         total, active = R.count_params(model)
@@ -360,7 +367,9 @@ def train(args):
     diffusion = R.Diffusion.of(cfg)
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy
+        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                        gradient_as_bucket_view=True)
     net = torch.compile(net) if args.compile else net
 
     # 3. Data: the batches of step s are a function of (seed, s), so a resume sees the same ones.

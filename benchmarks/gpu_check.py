@@ -97,8 +97,7 @@ class Run:
                                       "--batch-size", str(batch), "--grad-accum", str(grad_accum)])
         self.ds = load_data("latents", str(folder), num_classes=1000)
         cfg = train.model_config(self.args, self.ds)
-        with torch.device(device):                         # built there: 2.8B parameters in seconds
-            self.model, self.ema, self.opt = train.build(cfg, self.args, device)
+        self.model, self.ema, self.opt = train.build(cfg, self.args, device)   # as train.py does
         order = BatchOrder(len(self.ds), batch, 0, 0, accum=grad_accum)
         self.loader = iter(torch.utils.data.DataLoader(self.ds, batch_sampler=order,
                                                        pin_memory=device.type == "cuda"))
