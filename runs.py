@@ -72,29 +72,37 @@ def require(ok, message):
         raise UserError(message)
 
 
-def disk_full(e):
-    """Whether e, or an exception it was raised from or during, is a full disk or quota. torch.save
-    reports one as a RuntimeError of its zip writer raised while handling the OSError."""
+WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on device; free some space and rerun",
+    errno.EDQUOT: "disk quota exceeded; free some space and rerun",
+    errno.EFBIG: "a file is larger than the file system or the file-size limit (ulimit -f) allows; "
+                 "write to another file system or raise the limit"}
+
+
+def write_failure(e):
+    """What the disk refused, if e is, or was raised from or during, a write that failed for space
+    or size (None otherwise). torch.save reports one as a RuntimeError of its zip writer raised
+    while handling the OSError."""
     while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+        if isinstance(e, OSError) and e.errno in WRITE_FAILURES:
+            return WRITE_FAILURES[e.errno]
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def run_main(prog, fn):
-    """Run fn(); a UserError, Diverged or full disk becomes one line on stderr and a non-zero
-    exit."""
+    """Run fn(); a UserError, Diverged or a write the disk refused becomes one line on stderr and a
+    non-zero exit."""
     try:
         return fn()
     except (UserError, Diverged) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, Diverged) else 2)
     except Exception as e:
-        if not disk_full(e):
+        failure = write_failure(e)
+        if failure is None:
             raise
-        print(f"{prog}: error: no space left on device; free some space and rerun: files written "
-              "before are intact", file=sys.stderr)
+        print(f"{prog}: error: {failure}: files written before are intact", file=sys.stderr)
         sys.exit(2)
 
 

@@ -404,6 +404,21 @@ def test_a_full_disk_during_torch_save_is_one_line_and_keeps_the_old_file(tmp_pa
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+def test_a_file_size_limit_during_torch_save_is_one_line_and_keeps_the_old_file(tmp_path):
+    """A 4 GB file-system limit or `ulimit -f` (EFBIG): torch.save's zip writer fails with
+    "unexpected pos"; a subprocess, so that the limit binds it alone."""
+    (tmp_path / "ckpt.pt").write_bytes(b"old")
+    code = ("import resource, torch, runs; resource.setrlimit(resource.RLIMIT_FSIZE, "
+            "(100_000, resource.RLIM_INFINITY)); runs.run_main('train.py', lambda: "
+            "runs.save_checkpoint('ckpt.pt', dict(model={'w': torch.zeros(1_000_000)})))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert "file-size limit (ulimit -f)" in res.stderr and "files written before are intact" in \
+        res.stderr
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
 def test_three_images_and_batch_size_one_train_and_save(tmp_path):
     for i in range(3):
         (tmp_path / "imgs" / "cat").mkdir(parents=True, exist_ok=True)
