@@ -924,8 +924,34 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypat
     assert again["race identity / seed 0"] == results["race identity / seed 0"]
 
 
+def test_recipe_quick_pairs_each_lever_with_its_reference_and_resumes(tmp_path, capsys,
+                                                                     monkeypatch, shapes_evaluator):
+    from benchmarks import recipe
+    monkeypatch.setattr(recipe, "Evaluator", lambda *a, **k: shapes_evaluator[0])
+    monkeypatch.setattr(recipe, "SAMPLERS", dict(list(recipe.SAMPLERS.items())[:2]))
+    argv = ["--quick", "--arms", "linear,cosine", "--sampler-arm", "cosine",
+            "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs")]
+    recipe.main(argv)
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    g2, g3 = recipe.SAMPLERS
+    assert set(results) == {f"{arm} / {s} / seed {i}" for i in (0, 1)
+                            for arm, s in [("linear", g2), ("cosine", g2), ("cosine", g3)]}
+    assert results[f"cosine / {g2} / seed 1"]["recipe"]["schedule"] == "cosine"
+    assert results[f"linear / {g2} / seed 1"]["recipe"]["seed"] == 1
+    assert "| schedule: cosine instead of linear | " in out
+    assert f"| sampler: {g3} instead of {g2} (on cosine) | " in out
+    levers = json.loads((tmp_path / "res" / "summary.json").read_text())["levers"]
+    assert len(levers) == 2 * len(recipe.METRICS)
+    trained = []
+    monkeypatch.setattr(recipe.train, "main", trained.append)
+    recipe.main(argv)                                        # resumed: nothing trained or scored
+    assert trained == [] and json.loads((tmp_path / "res" / "results.json").read_text()) == results
+
+
 @pytest.mark.parametrize("script, argv, msg", [
     ("bench", ["--models", "S/2"], "expected SIZE/PATCH:ROUTING"),
+    ("recipe", ["--arms", "linear,fast"], "unknown arms 'fast'"),
     ("bench", ["--models", "S/2:dense,XX/2:race"], "unknown model 'XX/2'"),
     ("bench", ["--memory", "--models", "S/2:race:9in8"],
      "top-k must be between 1 and the number of experts"),
@@ -933,9 +959,9 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypat
     ("reproduce", ["--methods", "dense,nonsense"], "unknown --methods 'nonsense'"),
     ("reproduce", ["--seeds", "1"], "--seeds at least 2")])
 def test_benchmarks_refuse_bad_input_in_one_line(script, argv, msg, capsys):
-    from benchmarks import bench, reproduce
+    from benchmarks import bench, recipe, reproduce
     with pytest.raises(SystemExit) as e:
-        {"bench": bench, "reproduce": reproduce}[script].main(argv)
+        {"bench": bench, "recipe": recipe, "reproduce": reproduce}[script].main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"{script}.py: error:") and msg in err
     assert err.count("\n") == 1, err                                    # no usage block before it

@@ -33,7 +33,7 @@ import race_dit as R  # noqa: E402
 import train  # noqa: E402
 from data import to_uint8  # noqa: E402
 from evaluate import Evaluator  # noqa: E402
-from reproduce import describe, judge, paired_test  # noqa: E402
+from benchmarks.reproduce import judge, paired_test  # noqa: E402
 from pictures import save_grid  # noqa: E402
 from runs import Parser, atomic_write, load_checkpoint, load_model  # noqa: E402
 
@@ -111,6 +111,14 @@ def levers(results, seeds):
     return [(*row[:5], v) for row, v in zip(tests, judged)]
 
 
+def effect(v):
+    """One paired effect as a table cell: the change (in the metric's better direction positive),
+    its interval, and the Holm-corrected verdict."""
+    word = {"supports": "**better**", "contradicts": "**worse**"}.get(
+        v["verdict"], f"not detectable (detectable: {v['detectable']:.2g})")
+    return f"{v['mean']:+.3g} [{v['ci'][0]:+.3g}, {v['ci'][1]:+.3g}] {word}"
+
+
 def main(argv=None):
     p = Parser(prog="recipe.py", description=__doc__)
     p.add_argument("--arms", default=",".join(ARMS), help="comma list of: " + ", ".join(ARMS))
@@ -119,8 +127,8 @@ def main(argv=None):
     p.add_argument("--sampler-arm", default="cosine min-snr",
                    help="whose checkpoints the sampler levers re-sample ('' for none)")
     p.add_argument("--max-steps", type=int, default=10**9, help="caps every arm's --steps")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipe"))
-    p.add_argument("--runs", default=str(ROOT / "benchmarks" / "runs" / "recipe"))
+    p.add_argument("--out", help="results (default benchmarks/results/recipe)")
+    p.add_argument("--runs", help="checkpoints, not committed (default benchmarks/runs/recipe)")
     p.add_argument("--data-dir", default=str(ROOT / "data"))
     p.add_argument("--quick", action="store_true", help="smoke test, temporary files")
     args = p.parse_args(argv)
@@ -132,10 +140,11 @@ def main(argv=None):
         p.error("--seeds must be at least 2 (a verdict needs a spread), --per-class and "
                 "--max-steps positive")
     tmp = Path(tempfile.mkdtemp()) if args.quick else None
-    if args.quick:
+    if args.quick:  # its files in a temporary folder, unless --out / --runs name one
         args.max_steps, args.per_class, args.seeds = 3, 1, 2
-        args.out, args.runs = str(tmp / "results"), str(tmp / "runs")
-    out, runs = Path(args.out), Path(args.runs)
+        args.out, args.runs = args.out or str(tmp / "results"), args.runs or str(tmp / "runs")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / "recipe")
+    runs = Path(args.runs or ROOT / "benchmarks" / "runs" / "recipe")
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator("shapes", args.data_dir, 16, epochs=1 if args.quick else 10,
                           cache_dir=tmp)
@@ -178,8 +187,11 @@ def main(argv=None):
     for k, row in table.items():
         print(f"{k:32s} " + "  ".join(f"{m} {mean:.3f} ± {sd:.3f}"
                                       for m, (mean, sd) in row.items()))
-    for lv, _, _, _, k, v in judged:
-        print(f"{lv} | {k}: {describe(v)}")
+    print("| lever | " + " | ".join(f"{k} (paired difference, 95% interval)" for k in METRICS)
+          + " |\n| --- |" + " --- |" * len(METRICS))
+    for lever in dict.fromkeys(lv for lv, *_ in judged):
+        cells = [effect(v) for lv, _, _, _, _, v in judged if lv == lever]
+        print(f"| {lever} | " + " | ".join(cells) + " |")
     if tmp is not None:
         shutil.rmtree(tmp)
 
