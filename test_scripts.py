@@ -892,7 +892,7 @@ def test_bench_script_reports_ratios_and_writes_only_where_asked(tmp_path, capsy
 def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypatch,
                                                     shapes_evaluator):
     from benchmarks import reproduce
-    made = []                                                   # the classifier, trained once
+    made, real_train = [], train.main                           # the classifier, trained once
     monkeypatch.setattr(reproduce, "Evaluator",
                         lambda *a, **k: made.append(k) or shapes_evaluator[0])
     methods = "race identity,race identity +threshold"
@@ -922,6 +922,18 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypat
     assert again["race identity / seed 1"]["sample_steps"] == 3                # --quick's
     assert again["race identity +threshold / seed 0"]["n"] == 20                # 2 per class
     assert again["race identity / seed 0"] == results["race identity / seed 0"]
+    assert again["race identity / seed 0"]["recipe"]["schedule"] == "cosine"
+    # A run of another recipe (here: the checkpoints of seed 1 made with DiT's schedule) is neither
+    # kept nor resumed: it is trained anew.
+    path = tmp_path / "runs" / "race_identity_seed1" / "ckpt.pt"
+    ckpt = runs.load_checkpoint(path)                      # memory-mapped: replaced, not rewritten
+    runs.save_checkpoint(path, {**ckpt, "args": {**ckpt["args"], "schedule": "linear"}})
+    again["race identity / seed 1"]["recipe"]["schedule"] = "linear"
+    (tmp_path / "res" / "results.json").write_text(json.dumps(again))
+    monkeypatch.setattr(reproduce.train, "main", lambda a: trained.append(a) or real_train(a))
+    reproduce.main(argv)
+    assert [a[a.index("--out") + 1] for a in trained] == [str(tmp_path / "runs" /
+                                                             "race_identity_seed1")]
 
 
 def test_recipe_quick_pairs_each_lever_with_its_reference_and_resumes(tmp_path, capsys,

@@ -57,14 +57,14 @@ def parse_args(argv=None, prog="train.py"):
     a("--balance-weight", type=WEIGHT, default=0.0,
       help="switch balance loss (token-choice baseline)")
     a("--threshold-decay", type=DECAY, default=0.99, help="EMA of the race cutoff (S4)")
-    a("--schedule", default="linear", choices=R.SCHEDULES,
-      help="noise schedule: linear (DiT) or cosine (IDDPM)")
-    a("--loss-weight", default="none", choices=R.LOSS_WEIGHTS,
-      help="weight of each timestep's MSE: none (DiT) or min-snr (min(SNR, gamma) / SNR)")
+    a("--schedule", default="cosine", choices=R.SCHEDULES,
+      help="noise schedule: cosine (IDDPM) or linear (paper / DiT)")
+    a("--loss-weight", default="min-snr", choices=R.LOSS_WEIGHTS,
+      help="weight of each timestep's MSE: min-snr (min(SNR, gamma) / SNR) or none (paper / DiT)")
     a("--min-snr-gamma", type=POSITIVE_NUMBER, default=5.0, help="gamma of --loss-weight min-snr")
-    a("--prediction", default="eps", choices=R.PREDICTIONS,
-      help="what the model predicts: eps (DiT) or v = sqrt(ab) eps - sqrt(1 - ab) x0")
-    a("--lr", type=POSITIVE_NUMBER, default=1e-3, help="peak learning rate (paper: 1e-4)")
+    a("--prediction", default="v", choices=R.PREDICTIONS,
+      help="what the model predicts: v = sqrt(ab) eps - sqrt(1 - ab) x0, or eps (paper / DiT)")
+    a("--lr", type=POSITIVE_NUMBER, default=2e-3, help="peak learning rate (paper: 1e-4)")
     a("--warmup", type=AT_LEAST_ZERO, default=100,
       help="linear learning-rate warm-up steps (paper: 0)")
     a("--lr-schedule", default="constant", choices=["constant", "cosine"],

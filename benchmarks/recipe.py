@@ -48,25 +48,34 @@ ARMS = {
     "cosine": (COSINE, "linear", "schedule: cosine instead of linear"),
     "cosine min-snr": (MIN_SNR, "cosine", "loss weight: min-SNR-5 instead of none"),
     "lr 2e-3": ([*MIN_SNR, "--lr", "2e-3"], "cosine min-snr", "learning rate 2e-3 instead of 1e-3"),
-    "v": ([*MIN_SNR, "--prediction", "v"], "cosine min-snr", "prediction: v instead of eps"),
+    "lr 4e-3": ([*MIN_SNR, "--lr", "4e-3"], "lr 2e-3", "learning rate 4e-3 instead of 2e-3"),
     "batch 32": ([*MIN_SNR, "--batch-size", "32", "--steps", "2720"], "cosine min-snr",
                  "batch 32 for 2720 steps instead of 64 for 1600 (equal time)"),
+    "v": ([*MIN_SNR, "--prediction", "v"], "cosine min-snr", "prediction: v instead of eps"),
+    "v lr 2e-3": ([*MIN_SNR, "--prediction", "v", "--lr", "2e-3"], "v",
+                  "learning rate 2e-3 instead of 1e-3, with v"),
 }
-# name -> (sampler, steps, guidance, DDPM variance); the first is train.py's grid sampler, the
-# reference
-SAMPLERS = {"ddpm 50 g2": ("ddpm", 50, 2.0, "small"), "ddpm 50 g3": ("ddpm", 50, 3.0, "small"),
-            "ddpm 50 g4": ("ddpm", 50, 4.0, "small"), "ddim 50 g2": ("ddim", 50, 2.0, "small"),
-            "ddpm 100 g2": ("ddpm", 100, 2.0, "small"),
-            "ddpm 50 g2 large": ("ddpm", 50, 2.0, "large")}
+# (what is compared, arm, reference) beyond each arm's own lever: the default against DiT's recipe
+COMPARISONS = [("train.py's default (cosine, min-SNR-5, v, lr 2e-3) instead of DiT's recipe",
+                "v lr 2e-3", "linear")]
+# name -> (sampler, steps, guidance, DDPM variance, weights); the first is train.py's grid
+# sampler, the reference
+SAMPLERS = {"ddpm 50 g2": ("ddpm", 50, 2.0, "small", "ema"),
+            "ddpm 50 g3": ("ddpm", 50, 3.0, "small", "ema"),
+            "ddpm 50 g4": ("ddpm", 50, 4.0, "small", "ema"),
+            "ddim 50 g2": ("ddim", 50, 2.0, "small", "ema"),
+            "ddpm 100 g2": ("ddpm", 100, 2.0, "small", "ema"),
+            "ddpm 50 g2 large": ("ddpm", 50, 2.0, "large", "ema"),
+            "ddpm 50 g2 online": ("ddpm", 50, 2.0, "small", "online")}
 REFERENCE_SAMPLER = next(iter(SAMPLERS))
 METRICS = {"accuracy": 1, "logp": 1, "kid": -1}                     # +1: higher is better
 
 
 @torch.no_grad()
 def score(ckpt_path, sampler, evaluator, per_class):
-    """Scores of the EMA's samples, per_class per class, seeded as train.py's grids (seed 0)."""
-    model, ckpt = load_model(ckpt_path)
-    method, steps, guidance, variance = SAMPLERS[sampler]
+    """Scores of the samples, per_class per class, seeded as train.py's grids (seed 0)."""
+    method, steps, guidance, variance, weights = SAMPLERS[sampler]
+    model, ckpt = load_model(ckpt_path, online=weights == "online")
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)
     tick = time.time()
     images = np.concatenate([
@@ -98,8 +107,8 @@ def levers(results, seeds):
     sampler, metric, verdict)."""
     have = lambda arm, sampler: all(f"{arm} / {sampler} / seed {s}" in results for s in seeds)
     pairs = [(lever, arm, ref, REFERENCE_SAMPLER, REFERENCE_SAMPLER)
-             for arm, (_, ref, lever) in ARMS.items() if ref and have(arm, REFERENCE_SAMPLER)
-             and have(ref, REFERENCE_SAMPLER)]
+             for lever, arm, ref in [(lv, a, r) for a, (_, r, lv) in ARMS.items()] + COMPARISONS
+             if ref and have(arm, REFERENCE_SAMPLER) and have(ref, REFERENCE_SAMPLER)]
     pairs += [(f"sampler: {s} instead of {REFERENCE_SAMPLER} (on {arm})", arm, arm, s,
                REFERENCE_SAMPLER)
               for arm in ARMS for s in SAMPLERS if s != REFERENCE_SAMPLER and have(arm, s)

@@ -75,6 +75,11 @@ CLAIMS = [("Table 6: race beats token-choice", "race full recipe (+RSL)", "token
           ("Table 3: PLR helps", "race +threshold +PLR", "race identity +threshold"),
           ("Table 3: RSL helps", "race full recipe (+RSL)", "race +threshold +PLR"),
           ("S5: PLR helps a deep narrow model", "deep race +PLR", "deep race -PLR")]
+# train.py's arguments that define a run's training (not its length: a longer run resumes)
+RECIPE = ("model", "experts", "routing", "gating", "granularity", "schedule", "loss_weight",
+          "min_snr_gamma", "prediction", "lr", "warmup", "lr_schedule", "batch_size",
+          "ema_decay", "plr_weight", "rsl_weight", "balance_weight", "threshold_decay", "data",
+          "image_size", "seed")
 CLASSES = 10                                    # of the shapes (and Fashion-MNIST) scored
 MSE_BINS = 5                                    # held-out epsilon-MSE by t: 0-199, ..., 800-999
 METRICS = {"accuracy": 1, "logp": 1, "kid": -1, "heldout_mse": -1}  # +1: higher is better
@@ -174,6 +179,12 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
                    comb_usage=float(np.mean([r["comb_usage"] for r in records[-5:]])))
     grid = np.concatenate([images[labels.numpy() == c][:10] for c in range(CLASSES)])
     return out, grid
+
+
+def recipe_of(run_args):
+    """What defines a run's training, from train.py's arguments: results and checkpoints of another
+    recipe are never mixed with this one's."""
+    return {k: run_args.get(k) for k in RECIPE}
 
 
 def t_cdf(x, df, intervals=2000):
@@ -345,20 +356,25 @@ def main(argv=None):
             flags, inference_routing, shared = METHODS[name]
             key, began = f"{name} / seed {seed}", time.time()
             run = runs / f"{(shared or name).replace(' ', '_')}_seed{seed}"
+            every = dict(log=max(args.steps // 50, 1), save=max(args.steps // 2, 1))
+            argv = ["--data", args.data, "--data-dir", args.data_dir, "--image-size",
+                    str(args.image_size), "--steps", str(args.steps), "--seed", str(seed),
+                    "--sample-every", "0", "--log-every", str(every["log"]), "--save-every",
+                    str(every["save"]), "--out", str(run), *flags]
+            recipe = recipe_of(vars(train.parse_args(argv)))
             done = results.get(key, {})     # scored already, with these settings: kept
-            if (done.get("steps"), done.get("n"), done.get("sample_steps")) == (
-                    args.steps, CLASSES * args.samples_per_class, args.sample_steps):
+            if (done.get("steps"), done.get("n"), done.get("sample_steps"), done.get("recipe")) \
+                    == (args.steps, CLASSES * args.samples_per_class, args.sample_steps, recipe):
                 continue
-            if not ((run / "ckpt.pt").exists()
-                    and load_checkpoint(run / "ckpt.pt")["step"] >= args.steps):
-                every = dict(log=max(args.steps // 50, 1), save=max(args.steps // 2, 1))
-                size = str(args.image_size)
-                train.main(["--data", args.data, "--data-dir", args.data_dir, "--image-size", size,
-                            "--steps", str(args.steps), "--seed", str(seed), "--sample-every", "0",
-                            "--log-every", str(every["log"]), "--save-every", str(every["save"]),
-                            "--out", str(run),
-                            *(["--resume"] if (run / "ckpt.pt").exists() else []), *flags])
+            ckpt = load_checkpoint(run / "ckpt.pt") if (run / "ckpt.pt").exists() else None
+            if ckpt is not None and recipe_of(ckpt["args"]) != recipe:
+                shutil.rmtree(run)                      # trained with another recipe: trained anew
+                ckpt = None
+            if ckpt is None or ckpt["step"] < args.steps:
+                train.main(argv + (["--resume"] if ckpt is not None else []))
+            del ckpt
             results[key], grid = score(run / "ckpt.pt", inference_routing, test, evaluator, args)
+            results[key]["recipe"] = recipe
             results[key]["seconds"] = time.time() - began        # training (unless shared) + score
             if seed == 0:
                 save_grid(grid, out / f"grid_{name.replace(' ', '_')}.png", nrow=10)
