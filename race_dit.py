@@ -639,8 +639,8 @@ def calibrate_thresholds(model, diffusion, batches):
 
 
 # --------------------------------------------------------------------------------------------------
-# Gaussian diffusion (S7, chosen: DDPM, 1000 steps, epsilon prediction; DiT's linear schedule or
-# IDDPM's cosine one, with DiT's plain MSE or min-SNR weights)
+# Gaussian diffusion (S7, chosen: DDPM on 1000 steps; DiT's linear schedule, plain MSE and epsilon
+# prediction, or IDDPM's cosine schedule, min-SNR weights and v-prediction)
 
 def schedule(ab):
     """Per-step quantities of a (possibly respaced) schedule from its alphas_cumprod (T,), all in
@@ -821,7 +821,9 @@ class Diffusion:
                clip_x0=False, eta=0.0, on_step=None, variance="small"):
         """Ancestral DDPM on respaced steps or DDIM (eta=0: deterministic). y (B,), shape (C, H, W).
         `generators`: one torch.Generator (CPU) per sample, so a sample does not depend on its
-        batch. on_step(i, t, aux) is called after every model evaluation (routing statistics)."""
+        batch. on_step(i, t, aux) is called after every model evaluation (routing statistics).
+        variance: DDPM's for a model without a learned one, "small" (the posterior's) or "large"
+        (beta_t, DiT's; S7 says why not)."""
         if method not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {method!r}")
         dev, B, C = y.device, y.shape[0], shape[0]

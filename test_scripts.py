@@ -276,8 +276,8 @@ def test_the_runs_diffusion_is_saved_and_used_by_resume_sample_and_evaluate(tmp_
 
 
 def test_a_checkpoint_from_before_the_diffusion_options_keeps_dits_diffusion(tmp_path, capsys):
-    run_train(tmp_path / "new", "--sample-every", "0", "--schedule", "linear",
-              "--loss-weight", "none")
+    dit = ["--schedule", "linear", "--loss-weight", "none", "--prediction", "eps"]
+    run_train(tmp_path / "new", "--sample-every", "0", *dit)
     state = torch.load(tmp_path / "new" / "ckpt.pt", weights_only=True)
     for k in DIFFUSION_FIELDS:
         del state["config"][k]
@@ -289,7 +289,7 @@ def test_a_checkpoint_from_before_the_diffusion_options_keeps_dits_diffusion(tmp
     argv = [*FAST, "--out", str(tmp_path / "old"), "--resume", "--steps", "6"]
     expect_error(capsys, train.main, argv + ["--schedule", "cosine"],
                  "schedule=linear in the checkpoint, cosine now")
-    train.main(argv + ["--schedule", "linear", "--loss-weight", "none", "--sample-every", "0"])
+    train.main(argv + [*dit, "--sample-every", "0"])
     assert runs.load_checkpoint(tmp_path / "old" / "ckpt.pt")["step"] == 6
 
 
@@ -301,7 +301,7 @@ def test_a_resumed_run_keeps_no_map_of_the_checkpoint_it_loaded(tmp_path, monkey
 
     def step(*a, **kw):
         maps.append([line for line in Path("/proc/self/maps").read_text().splitlines()
-                     if "ckpt.pt" in line])
+                     if str(tmp_path / "ckpt.pt") in line])
         return real_step(*a, **kw)
     monkeypatch.setattr(train, "train_step", step)
     run_train(tmp_path, "--sample-every", "0", "--resume", steps=6)
@@ -940,7 +940,8 @@ def test_recipe_quick_pairs_each_lever_with_its_reference_and_resumes(tmp_path, 
                                                                      monkeypatch, shapes_evaluator):
     from benchmarks import recipe
     monkeypatch.setattr(recipe, "Evaluator", lambda *a, **k: shapes_evaluator[0])
-    monkeypatch.setattr(recipe, "SAMPLERS", dict(list(recipe.SAMPLERS.items())[:2]))
+    monkeypatch.setattr(recipe, "SAMPLERS", {name: (method, 3, *rest) for name, (method, _, *rest)
+                                             in list(recipe.SAMPLERS.items())[:2]})  # 3 steps
     argv = ["--quick", "--arms", "linear,cosine", "--sampler-arm", "cosine",
             "--out", str(tmp_path / "res"), "--runs", str(tmp_path / "runs")]
     recipe.main(argv)

@@ -11,7 +11,7 @@ that carry the object (S3)?
         +threshold,race +threshold +PLR"   # PLR at the default run's length
     python benchmarks/reproduce.py --quick  # a smoke run: a few steps each, in a temporary folder
 
-Every run uses train.py's small-scale recipe (built-in 16x16 shapes, XS/4, lr 1e-3, batch 64, EMA),
+Every run uses train.py's default recipe (built-in 16x16 shapes, XS/4, batch 64, its diffusion),
 the same budget and seeds 0..N-1; every MoE is 2in8 with granularity 2, so its activated compute
 equals the dense MLP's. Per run: held-out epsilon-MSE on the test split at fixed (noise, timestep)
 per image, overall and by timestep; evaluate.py's class accuracy, log-probability of the class
