@@ -146,7 +146,8 @@ def sincos_pos_embed(dim, grid):
     def enc(pos):
         ang = pos.reshape(-1, 1) * omega                                          # (G*G, dim/4)
         return np.concatenate([np.sin(ang), np.cos(ang)], axis=1)
-    return torch.from_numpy(np.concatenate([enc(cols), enc(rows)], axis=1)).float()
+    # torch.tensor, not from_numpy: made on the default device (train.build's), not the host.
+    return torch.tensor(np.concatenate([enc(cols), enc(rows)], axis=1), dtype=torch.float32)
 
 
 class PatchEmbed(nn.Module):

@@ -308,6 +308,20 @@ def test_a_resumed_run_keeps_no_map_of_the_checkpoint_it_loaded(tmp_path, monkey
     assert len(maps) == 2 and maps == [[], []]
 
 
+def test_checkpoint_bytes_are_the_bytes_of_the_tensors_a_checkpoint_holds(tmp_path):
+    run_train(tmp_path, "--sample-every", "0")
+    ckpt = runs.load_checkpoint(tmp_path / "ckpt.pt")
+    tensors = [*ckpt["model"].values(), *ckpt["ema"].values(),
+               *(t for state in ckpt["opt"]["state"].values() for t in state.values())]
+    held = sum(t.nbytes for t in tensors)
+    assert train.checkpoint_bytes(R.Config(**ckpt["config"])) == held
+    assert 0 < (tmp_path / "ckpt.pt").stat().st_size - held < 512 * len(tensors) + 2**16
+    # latent checkpoints are GBs: saved every 5000 steps unless asked
+    assert [train.parse_args(a).save_every for a in ([], ["--data", "latents"],
+                                                     ["--data", "latents", "--save-every", "7"])
+            ] == [400, 5000, 7]
+
+
 class HostTensors(TorchFunctionMode):
     """Records the size of every host tensor that a torch call returns."""
 
@@ -980,21 +994,40 @@ def test_benchmarks_refuse_bad_input_in_one_line(script, argv, msg, capsys):
     assert err.count("\n") == 1, err                                    # no usage block before it
 
 
-def test_bench_memory_estimate_equals_a_direct_measurement_of_the_full_model():
+def test_live_bytes_counts_what_is_alive_and_its_peak():
+    from benchmarks.bench import LiveBytes
+    with LiveBytes() as live:
+        a, b = torch.empty(1000), torch.empty(2000, dtype=torch.float64)     # 4000 + 16000 bytes
+        view = b[:10].view(2, 5)                                             # no new storage
+        del a
+        c = torch.ones(250)                                                  # 1000 bytes
+        assert (live.now, live.peak) == (17000, 20000)
+        del b
+        assert live.now == 17000                                             # the view keeps b
+        del view, c
+        assert live.now == 0
+
+
+def test_bench_memory_on_fake_tensors_equals_the_count_on_real_tensors():
+    """FakeTensors allocate nothing: their count must be the real step's, byte for byte, but for
+    one CPU kernel: the CPU mse_loss's mean keeps the batch-sized buffer as its storage."""
     from benchmarks import bench
-    args, cpu = argparse.Namespace(image_size=16, channels=4, num_classes=1000), torch.device("cpu")
-    [row] = bench.memory(["XS/8:race:2in8"], args, cpu, batch=4)         # fitted on depths 1 and 2
-    torch.manual_seed(0)
-    model = bench.build("XS/8:race:2in8", args, cpu, learn_sigma=True)     # depth 6
-    params = sum(p.numel() for p in model.parameters())
-    assert row["params"] == params
-    want = 20 * params + bench.saved_bytes(model, args, 4, cpu)
-    assert row["batch_gib"] * 2**30 == pytest.approx(want)
-    model.recompute = True
-    per_image = (bench.saved_bytes(model, args, 3, cpu)
-                 - bench.saved_bytes(model, args, 1, cpu)) / 2
-    assert row["mib_per_image_recompute"] * 2**20 == pytest.approx(per_image)
-    assert row["mib_per_image_recompute"] < row["mib_per_image"] / 3
+    args = argparse.Namespace(image_size=16, channels=4, num_classes=1000)
+    mse_buffer = 4 * 4 * 16 * 16 * 4                                     # (B, C, H, W) fp32
+    for recompute in (False, True):
+        fake = bench.step_memory("XS/8:race:2in8", args, 4, recompute)
+        real = bench.step_memory("XS/8:race:2in8", args, 4, recompute, fake=False)
+        assert fake[0] == real[0] and real[1] - fake[1] in (0, mse_buffer - 4)
+    state, peak = fake
+    params = sum(p.numel() for p in bench.build("XS/8:race:2in8", args, "meta",
+                                                learn_sigma=True).parameters())
+    assert 20 * params <= state < 20 * params + 2**20    # weights, gradients, AdamW, the EMA
+    assert peak > state
+    [row] = bench.memory(["XS/8:race:2in8"], args, gpus=(0.001, 0.002), batches=(4, 256))
+    assert row["peak_gib"]["4_recompute"] == peak / 2**30
+    assert row["peak_gib"]["256_recompute"] < row["peak_gib"]["256"]      # activations dominate
+    assert row["largest_micro_batch"]["0.002GiB_recompute"] >= row[
+        "largest_micro_batch"]["0.002GiB"]
 
 
 def test_paired_statistics_against_hand_computed_cases():
@@ -1041,7 +1074,8 @@ def test_token_choice_gives_every_patch_the_same_experts():
 GPU_CHECK_STAGES = {"device", "torch", "seconds", "grouped_vs_loop", "grouped_mm_chosen",
                     "sync_free_step", "loss_first_last", "loss_falls", "bench",
                     "largest_xl2_4in32_batch", "largest_xl2_4in32_batch_recompute",
-                    "memory_estimate"}
+                    "largest_xl2_4in32_peak_gib", "largest_xl2_4in32_peak_gib_recompute",
+                    "memory_counted"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
@@ -1135,7 +1169,8 @@ def test_gpu_check_largest_batch_stops_at_either_form_of_out_of_memory(tmp_path,
         record = lambda run=None, freed=freed: freed.append(run)
         monkeypatch.setattr(gpu_check, "free_memory", record)
         if error in errors:
-            assert gpu_check.largest_batch("XS/8", "2in8", 8, cpu, tmp_path, False, 4096) == 16
+            assert gpu_check.largest_batch("XS/8", "2in8", 8, cpu, tmp_path, False, 4096) == (
+                16, {})                                                   # peaks: CUDA only
             assert len(freed) == 6                                        # after each of 3 tries
         else:
             with pytest.raises(RuntimeError, match="shapes"):               # not memory: reported

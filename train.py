@@ -86,7 +86,8 @@ def parse_args(argv=None, prog="train.py"):
     a("--workers", type=AT_LEAST_ZERO, default=0,
       help="data loader workers (image folders, latents)")
     a("--log-every", type=POSITIVE, default=50)
-    a("--save-every", type=POSITIVE, default=400)
+    a("--save-every", type=POSITIVE,
+      help="steps between checkpoints (default 400; latents: 5000, their checkpoints are GBs)")
     a("--sample-every", type=AT_LEAST_ZERO, default=800,
       help="sample grid (and evaluation) every N steps; 0: none")
     a("--sample-steps", type=STEPS, default=50, help="sampling steps for grids")
@@ -95,8 +96,11 @@ def parse_args(argv=None, prog="train.py"):
     a("--eval", default="auto", choices=["auto", "on", "off"],
       help="score the grids (evaluate.py); auto: on for shapes/cifar10/fashion-mnist")
     a("--vae", default="stabilityai/sd-vae-ft-ema", help="decodes latent samples (diffusers)")
-    a("--dist-timeout", type=POSITIVE, default=10, help="minutes a process waits for the others")
-    return p.parse_args(argv)
+    a("--dist-timeout", type=POSITIVE, default=10,
+      help="minutes a process waits for the others, plus the checkpoint's write at 50 MB/s")
+    args = p.parse_args(argv)
+    args.save_every = args.save_every or (5000 if args.data == "latents" else 400)
+    return args
 
 
 def model_config(args, ds):
@@ -139,12 +143,24 @@ def build(cfg, args, device):
     device (an XL model built on the host would cost each process its size in host memory and a
     slow CPU initialisation); AdamW is fused on CUDA (no full-size temporaries in its step)."""
     with torch.device(device):
-        model = R.RaceDiT(cfg).to(device)               # .to: the sin-cos table is made on the host
+        model = R.RaceDiT(cfg)
     model.recompute = args.recompute
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
                             fused=device.type == "cuda")
     return model, ema, opt
+
+
+WRITE_RATE = 50e6  # bytes/s: a slow network disk
+
+
+def checkpoint_bytes(cfg):
+    """The tensor bytes of this configuration's checkpoint, computed on meta: model and EMA state,
+    and AdamW's two moments and step count for every trained parameter."""
+    with torch.device("meta"):
+        model = R.RaceDiT(cfg)
+    state = sum(t.nbytes for t in model.state_dict().values())
+    return 2 * state + sum(2 * p.nbytes + 4 for p in model.parameters() if p.requires_grad)
 
 
 def device_batches(raw, ds, device, num_timesteps):
@@ -333,8 +349,9 @@ def train(args):
     evaluator = (Evaluator(args.data, args.data_dir, args.image_size)
                  if sampling_on_rank and scored else None)
     vae = load_vae(args.vae, device) if sampling_on_rank and ds.latent else None
-    if world > 1:
-        timeout = datetime.timedelta(minutes=args.dist_timeout)  # a hung process fails the others
+    if world > 1:  # a hung process fails the others, but not while rank 0 writes a checkpoint
+        timeout = datetime.timedelta(minutes=args.dist_timeout,
+                                     seconds=checkpoint_bytes(cfg) / WRITE_RATE)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     if cuda:
         torch.cuda.set_device(device)

@@ -5,7 +5,7 @@ What a Race-DiT step costs next to a dense DiT with the same activated parameter
     python benchmarks/bench.py
     # a GPU
     python benchmarks/bench.py --batch-size 256 --models B/2:dense,B/2:race:2in8,B/2:token:2in8
-    # GPU memory, any machine
+    # GPU training memory, on any machine
     python benchmarks/bench.py --memory --models B/2:race:2in8,XL/2:race:4in32
 
 All models are built in one process and measured alternately (round-robin), after warm-up, so that
@@ -13,30 +13,39 @@ clock or thermal drift hits every model alike. Times are medians over rounds. Tr
 forward + backward + AdamW step with the full loss (PLR, RSL); inference = one forward in eval mode
 with the calibrated threshold routing. Memory: peak allocated on CUDA; on CPU the bytes of the
 distinct tensors saved for backward (the activation memory), since CPU allocations are not tracked
-per model.
+per model. --memory counts train.py's training step on FakeTensors instead (step_memory): every
+tensor a bf16 step creates and frees, exactly, without allocating any.
 """
 import contextlib
 import json
 import statistics
 import sys
 import time
+import warnings
+import weakref
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
+import train  # noqa: E402
 from runs import Parser, atomic_write, autocast_for, use_bf16  # noqa: E402
 
 DEFAULT = "S/2:dense,S/2:race:2in8,S/2:race:4in16,S/2:race:8in32,S/2:token:2in8,S/2:expert:2in8"
 
 
-def build(spec, args, device, **kw):
+def config(spec, args, **kw):
     name, routing, *experts = spec.split(":")
-    cfg = R.make_config(name, experts[0] if experts else None, routing=routing,
-                        input_size=args.image_size, in_channels=args.channels,
-                        num_classes=args.num_classes, **kw)
-    return R.RaceDiT(cfg).to(device)
+    return R.make_config(name, experts[0] if experts else None, routing=routing,
+                         input_size=args.image_size, in_channels=args.channels,
+                         num_classes=args.num_classes, **kw)
+
+
+def build(spec, args, device, **kw):
+    return R.RaceDiT(config(spec, args, **kw)).to(device)
 
 
 @contextlib.contextmanager
@@ -51,67 +60,115 @@ def saved_for_backward():
         yield seen
 
 
-def saved_bytes(model, args, batch, device):
-    """Bytes saved for backward by one bf16 training forward at this batch size."""
-    S = args.image_size
-    x0 = torch.randn(batch, args.channels, S, S, device=device)
-    y = torch.randint(0, args.num_classes, (batch,), device=device)
-    with torch.autocast(device.type, torch.bfloat16), saved_for_backward() as seen:
-        R.Diffusion.of(model.cfg).training_losses(model, x0, y)
-    return sum(seen.values())
+class LiveBytes(TorchDispatchMode):
+    """Counts the tensor bytes alive inside the block: every storage that a torch op creates is
+    added when it is created and taken off when it is freed (`now`), and `peak` is the most at any
+    op. Exact for tensors; the allocator's rounding and fragmentation and the kernels' workspaces
+    are not tensors and come on top."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive, self.now, self.peak = set(), 0, 0
+
+    def freed(self, key, nbytes):
+        self.alive.discard(key)
+        self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        stack = [out]
+        while stack:                                   # outputs: a tensor, or (nested) sequences
+            t = stack.pop()
+            if isinstance(t, (tuple, list)):
+                stack.extend(t)
+            elif isinstance(t, torch.Tensor) and id(st := t.untyped_storage()) not in self.alive:
+                self.alive.add(id(st))
+                self.now += st.nbytes()
+                weakref.finalize(st, self.freed, id(st), st.nbytes())
+        self.peak = max(self.peak, self.now)
+        return out
 
 
-def saved_bytes_model(spec, args, device, recompute):
-    """Blocks are identical and activations grow linearly with the batch, so the bytes saved at
-    depth d and batch b are a + b*x + d*(w + b*z); four small forwards (d, b in {1, 2}) fit it
-    exactly. Returns the full depth's (fixed bytes, bytes per image) and one block's (w, z)."""
-    m = {}
-    for d in (1, 2):
-        model = build(spec, args, device, learn_sigma=True, depth=d)
-        model.recompute = recompute
-        m[d] = [saved_bytes(model, args, b, device) for b in (1, 2)]
-    z = m[2][1] - m[2][0] - m[1][1] + m[1][0]                            # per block and image
-    x, w = m[1][1] - m[1][0] - z, m[2][0] - m[1][0] - z               # per image outside; per block
-    depth = R.make_config(spec.split(":")[0]).depth
-    return m[1][0] - x - w - z + depth * w, x + depth * z, (w, z)
+def step_memory(spec, args, batch, recompute, fake=True):
+    """train.py's training step (forward and backward with PLR and RSL, fused AdamW as on CUDA, the
+    EMA) at this micro-batch in bf16 autocast with learned sigma, counted by LiveBytes on
+    FakeTensors, which allocate nothing (fake=False: on real CPU tensors, for the test). Returns
+    the bytes alive between steps and the peak of the second step (the first creates AdamW's
+    state; the first step's losses and routing aux stay alive across it, as in train.py's loop)."""
+    name, routing, *experts = spec.split(":")
+    targs = train.parse_args(["--model", name, "--routing", routing, "--batch-size", str(batch),
+                              *(["--experts", experts[0]] if experts else []),
+                              *(["--recompute"] if recompute else [])])
+    S, C = args.image_size, args.channels
+    autocast = lambda: torch.autocast("cpu", torch.bfloat16)  # noqa: E731
+    with warnings.catch_warnings(), FakeTensorMode() if fake else contextlib.nullcontext():
+        warnings.simplefilter("ignore")               # deepcopy reads a FakeTensor's data_ptr
+        with LiveBytes() as live:
+            cfg = config(spec, args, learn_sigma=True)
+            model, ema, _ = train.build(cfg, targs, torch.device("cpu"))
+            # The EMA made again under this mode: a deepcopy makes FakeTensors under a mode of its
+            # own, which LiveBytes would not see.
+            ema = R.RaceDiT(cfg).eval().requires_grad_(False)
+            ema.load_state_dict(model.state_dict())
+            opt = torch.optim.AdamW(model.parameters(), lr=targs.lr, weight_decay=0, fused=True)
+            diffusion = R.Diffusion.of(cfg)
+            for step in range(2):
+                x0 = torch.randn(batch, C, S, S)
+                y = torch.randint(0, args.num_classes, (batch,))
+                t = torch.randint(0, diffusion.num_timesteps, (batch,))
+                micro = [(x0, y, t, torch.randn_like(x0))]
+                if step == 1:
+                    state, live.peak = live.now, live.now
+                out = train.train_step(model, model, ema, opt, diffusion, micro, step, targs,
+                                       autocast)
+            del out
+    return state, live.peak
 
 
-def memory(specs, args, device, gpus=(80, 141), batch=256):
-    """GPU training memory in bf16, estimated on any device without building the full model:
-    20 bytes per parameter (fp32 weight, gradient, AdamW's two moments and the EMA copy, all on the
-    GPU) plus the bytes saved for backward. With activation recomputation the blocks keep only their
-    inputs and backward holds one recomputed block. Allocator slack and backward's transient
-    gradients come on top: lower bounds."""
-    print(f"bf16 training memory (learned sigma, "
-          f"{args.channels}x{args.image_size}x{args.image_size}) from "
-          f"bytes saved for backward on {device}; 'recomp': with --recompute")
-    print(f"{'model':18s} {'params':>7s} {'state GiB':>9s} {'MiB/img':>8s} {'recomp':>6s} "
-          f"{f'b={batch} GiB':>10s} {'recomp':>6s} " + " ".join(f"{f'max b {g}G':>9s} {'recmp':>5s}"
-                                                             for g in gpus))
+def memory(specs, args, gpus=(80, 141), batches=(256, 1024), limit=2**14):
+    """GPU training memory of train.py's step in bf16, counted exactly on FakeTensors (step_memory)
+    on any machine: the bytes alive between steps, the peak at each of `batches` with and without
+    --recompute, the largest power-of-two micro-batch up to `limit` whose peak is within 90% of
+    each GPU, and the checkpoint's size (train.checkpoint_bytes)."""
+    print(f"bf16 training memory of train.py's step (learned sigma, "
+          f"{args.channels}x{args.image_size}x{args.image_size}), tensor bytes counted on "
+          f"FakeTensors; 'recomp': with --recompute")
+    print(f"{'model':18s} {'params':>7s} {'ckpt GiB':>8s} {'state GiB':>9s} "
+          + " ".join(f"{f'b={b} GiB':>10s} {'recomp':>6s}" for b in batches) + " "
+          + " ".join(f"{f'max b {g}G':>9s} {'recmp':>5s}" for g in gpus))
     rows = []
     for spec in specs:
         with torch.device("meta"):
-            model = build(spec, args, "meta", learn_sigma=True)
-            params = sum(p.numel() for p in model.parameters())
-        plain, recomp = (saved_bytes_model(spec, args, device, c) for c in (False, True))
-        w, z = plain[2]                                              # the block backward recomputes
-        lines = {False: plain[:2], True: (recomp[0] + w, recomp[1] + z)}  # (fixed, per image) bytes
-        powers = [2**i for i in range(14)]
-        gib = {(b, c): (20 * params + lines[c][0] + b * lines[c][1]) / 2**30
-               for b in [batch] + powers for c in (False, True)}
-        largest = {(g, c): max([b for b in powers if gib[b, c] <= 0.9 * g] or [0])
-                   for g in gpus for c in (False, True)}
-        row = dict(model=spec, params=params, state_gib=20 * params / 2**30,
-                   mib_per_image=plain[1] / 2**20, mib_per_image_recompute=recomp[1] / 2**20,
-                   batch_gib=gib[batch, False], batch_gib_recompute=gib[batch, True],
+            params = sum(p.numel() for p in R.RaceDiT(config(spec, args, learn_sigma=True))
+                         .parameters())
+        peak, state = {}, 0
+        for c in (False, True):
+            for b in batches:
+                state, peak[b, c] = step_memory(spec, args, b, c)
+        largest = {}
+        for c in (False, True):
+            b, fits = 1, {g: 0 for g in gpus}
+            while b <= limit:
+                top = peak[b, c] if (b, c) in peak else step_memory(spec, args, b, c)[1]
+                fits.update({g: b for g in gpus if top <= 0.9 * g * 2**30})
+                if top > 0.9 * max(gpus) * 2**30:
+                    break
+                b *= 2
+            largest.update({(g, c): fits[g] for g in gpus})
+        gib = lambda n: n / 2**30  # noqa: E731
+        ckpt = train.checkpoint_bytes(config(spec, args, learn_sigma=True))
+        row = dict(model=spec, params=params, checkpoint_gib=gib(ckpt), state_gib=gib(state),
+                   peak_gib={f"{b}{'_recompute' if c else ''}": gib(v)
+                             for (b, c), v in peak.items()},
                    largest_micro_batch={f"{g}GiB{'_recompute' if c else ''}": v
                                         for (g, c), v in largest.items()})
         rows.append(row)
-        print(f"{spec:18s} {params / 1e9:6.2f}B {row['state_gib']:9.1f} "
-              f"{row['mib_per_image']:8.1f} {row['mib_per_image_recompute']:6.1f} "
-              f"{row['batch_gib']:10.1f} {row['batch_gib_recompute']:6.1f} "
+        print(f"{spec:18s} {params / 1e9:6.2f}B {gib(ckpt):8.1f} {gib(state):9.1f} "
+              + " ".join(f"{gib(peak[b, False]):10.1f} {gib(peak[b, True]):6.1f}"
+                         for b in batches) + " "
               + " ".join(f"{largest[g, False]:9d} {largest[g, True]:5d}" for g in gpus))
-    print("max b: the largest power-of-two micro-batch within 90% of an 80 / 141 GiB GPU")
+    print("max b: the largest power-of-two micro-batch whose peak is within 90% of an "
+          + " / ".join(f"{g}" for g in gpus) + " GiB GPU")
     return rows
 
 
@@ -134,7 +191,7 @@ def main(argv=None):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on CUDA")
     p.add_argument("--memory", action="store_true",
-                   help="estimate GPU training memory instead of timing")
+                   help="count GPU training memory (FakeTensors) instead of timing")
     p.add_argument("--json", help="also write the results here (e.g. benchmarks/bench.json)")
     args = p.parse_args(argv)
     for spec in args.models.split(","):
@@ -149,7 +206,7 @@ def main(argv=None):
                 "--warmup zero or positive")
     device = torch.device(args.device)
     if args.memory:
-        rows = memory(args.models.split(","), args, device)
+        rows = memory(args.models.split(","), args)
         if args.json:
             atomic_write(Path(args.json),
                          lambda tmp: tmp.write_text(json.dumps(dict(memory=rows), indent=1)))

@@ -11,8 +11,9 @@ One command for whoever has a GPU for a few minutes (about 5 minutes on one H100
    torch.cuda.set_sync_debug_mode("error"), with and without --recompute;
 3. 50 bf16 steps of that step at batch 256: the loss must fall;
 4. bench.py: B/2 dense vs race vs token at batch 256 (images/s, peak memory);
-5. the largest XL/2-4in32 micro-batch for a training step with the EMA copy resident, without and
-   with --recompute, next to bench.py's estimate of it.
+5. the largest XL/2-4in32 micro-batch for a training step with the EMA copy and AdamW's state
+   resident, without and with --recompute, and each batch's peak allocated memory next to
+   bench.py's count of the same step on FakeTensors.
 The JSON is rewritten after every stage, so a crash keeps the stages before it.
 `--tiny` runs the same stages at tiny sizes on a CPU (the sync check needs CUDA); full sizes refuse
 to run without CUDA.
@@ -138,14 +139,21 @@ def free_memory(run=None):
 
 def largest_batch(name, experts, size, device, folder, recompute, limit):
     """Doubles the micro-batch until a training step runs out of memory; optimizer state, gradients
-    and the EMA copy are resident, as in train.py."""
-    best, batch = 0, 8
+    and the EMA copy are resident, as in train.py: two steps, since the first creates AdamW's state
+    after its backward. Returns the largest batch and the second step's peak allocated bytes at
+    each batch that ran."""
+    best, batch, peaks = 0, 8, {}
     while batch <= limit:
         run = None
         try:
             run = Run(name, experts, batch, size, device, folder)
             run.model.recompute = recompute
             run.train_step()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            run.train_step()
+            if device.type == "cuda":
+                peaks[batch] = torch.cuda.max_memory_allocated(device)
             best, batch = batch, batch * 2
         except Exception as e:
             if not out_of_memory(e):
@@ -155,7 +163,7 @@ def largest_batch(name, experts, size, device, folder, recompute, limit):
             free_memory(run)
             del run
             free_memory()
-    return best
+    return best, peaks
 
 
 def main(argv=None):
@@ -210,12 +218,19 @@ def main(argv=None):
                 "--rounds", "1" if args.tiny else "5", "--warmup", "0" if args.tiny else "2",
                 "--image-size", str(s["size"]), "--json", str(bench_json)])
     stage("bench", json.loads(bench_json.read_text())["rows"])
+    shape = argparse.Namespace(image_size=s["size"], channels=4, num_classes=1000)
+    spec = f"{s['big']}:race:4in32"
     for recompute in (False, True):
         key = "largest_xl2_4in32_batch" + ("_recompute" if recompute else "")
         limit = s["limit"] * (2 if recompute else 1)
-        stage(key, largest_batch(s["big"], "4in32", s["size"], device, folder, recompute, limit))
-    shape = argparse.Namespace(image_size=s["size"], channels=4, num_classes=1000)
-    stage("memory_estimate", bench.memory([f"{s['big']}:race:4in32"], shape, device))
+        best, peaks = largest_batch(s["big"], "4in32", s["size"], device, folder, recompute, limit)
+        stage(key, best)
+        # bench.py's count on FakeTensors next to the allocator's peak, batch by batch
+        stage(key.replace("batch", "peak_gib"), {
+            b: dict(allocated=v / 2**30, counted=bench.step_memory(spec, shape, b, recompute)[1]
+                    / 2**30) for b, v in peaks.items()})
+    stage("memory_counted", bench.memory([spec], shape, batches=(s["batch"],),
+                                         limit=2 * s["limit"]))
     shutil.rmtree(folder)
     return result
 
