@@ -499,7 +499,7 @@ def count_params(model, blocks_only=False):
 
 
 # --------------------------------------------------------------------------------------------------
-# Auxiliary losses (S5, S6) and routing statistics. Each takes the per-layer aux the model returns.
+# Auxiliary losses (S5, S6). Each takes the per-layer aux the model returns.
 
 def rsl_loss(logits, mask):
     """S6: L_RSL = (1/N) sum_ij W_ij (P^T P)_ij, P = softmax(logits) (N, E), W from the selection
@@ -535,83 +535,6 @@ def moe_losses(aux, target):
     if "plr" in aux[0]:
         out["plr"] = sum(F.mse_loss(a["plr"].float(), target) for a in aux) / n
     return out
-
-
-def experts_by_layer(aux):
-    """Experts each token uses in each MoE layer, (layers, B, L)."""
-    return torch.stack([a["mask"].float().sum(-1) for a in aux])
-
-
-def experts_per_token(aux):
-    """Experts per token averaged over the MoE layers, (B, L): where the routing sends compute."""
-    return experts_by_layer(aux).mean(0)
-
-
-def experts_per_image(aux):
-    """Mean experts per token of each image in each MoE layer, (layers, B): the quantity of the
-    paper's Fig. 6. Training logs bin it by timestep; sample.py averages it at every sampling
-    step."""
-    return experts_by_layer(aux).mean(-1)
-
-
-class ExpertsByTimestep:
-    """Diffusion.sample's on_step callback: mean experts per token of each layer at each sampling
-    timestep (Fig. 6). Sums stay on the device, so collecting them adds no host synchronisation.
-    At the step indices `map_steps` it also keeps each image's experts per token, maps[t]: a list
-    of (B, L), one per batch (under guidance the conditional half, which comes first)."""
-
-    def __init__(self, map_steps=(), guided=False):
-        self.sums, self.counts, self.maps = {}, {}, {}
-        self.map_steps, self.guided = set(map_steps), guided
-
-    def __call__(self, i, t, aux):
-        if aux:
-            self.sums[t] = self.sums.get(t, 0) + experts_per_image(aux).mean(1)    # (layers,)
-            self.counts[t] = self.counts.get(t, 0) + 1
-            if i in self.map_steps:
-                per_token = experts_per_token(aux)                        # (B or 2B, L)
-                half = per_token.chunk(2)[0] if self.guided else per_token
-                self.maps.setdefault(t, []).append(half)
-
-    def result(self):
-        ts = sorted(self.sums, reverse=True)
-        per_t = [(self.sums[t] / self.counts[t]).tolist() for t in ts]             # (T, layers)
-        mean = [sum(v) / len(v) for v in per_t]
-        return dict(timesteps=ts, per_layer=[list(v) for v in zip(*per_t)], mean=mean,
-                    overall=sum(mean) / len(mean))
-
-
-def layer_routing_stats(mask):
-    """One layer's load per expert, MaxVio, combination usage and mean experts per token;
-    mask (..., E)."""
-    M = mask.reshape(-1, mask.shape[-1]).float()                          # (N, E)
-    E = M.shape[1]
-    load = M.sum(0)                                                       # (E,)
-    with torch.autocast(M.device.type, enabled=False):                # exact counts: fp32, not bf16
-        pair = (M.t() @ M)[torch.triu_indices(E, E, 1).unbind()]         # (E(E-1)/2,) co-selections
-    cover = (pair.sort(descending=True).values.cumsum(0) < 0.95 * pair.sum()).sum() + 1
-    usage = 100 * cover.item() / len(pair) if pair.sum() > 0 else 0.0
-    return dict(load=load.tolist(), max_vio=((load.max() - load.mean()) / load.mean()).item(),
-                comb_usage=usage, experts_per_token=M.sum(1).mean().item())
-
-
-@torch.no_grad()
-def routing_stats(aux, t=None, num_timesteps=1000, bins=10):
-    """Per layer and averaged: load per expert, MaxVio, combination usage (% of expert pairs
-    covering 95% of co-activations; S6, Table 2) and mean experts per token; per timestep bin
-    when t is given."""
-    layers = [layer_routing_stats(a["mask"]) for a in aux]
-    mean = lambda key: sum(layer[key] for layer in layers) / len(layers)
-    stats = dict(max_vio=mean("max_vio"), comb_usage=mean("comb_usage"),
-                 experts_per_token=mean("experts_per_token"), layers=layers)
-    if t is not None:
-        per_image = experts_per_image(aux).mean(0)                        # (B,)
-        b = (t * bins // num_timesteps).clamp(max=bins - 1)               # (B,) timestep bin
-        width = num_timesteps // bins
-        stats["experts_per_token_by_t"] = {
-            f"{i * width}-{(i + 1) * width - 1}": per_image[b == i].mean().item()
-            for i in range(bins) if (b == i).any()}
-    return stats
 
 
 @torch.no_grad()
@@ -818,21 +741,20 @@ class Diffusion:
         return ts, schedule(self.alphas_cumprod[ts])
 
     @torch.no_grad()
-    def sample(self, model, y, shape, steps=250, method="ddpm", cfg_scale=1.0, generators=None,
-               clip_x0=False, eta=0.0, on_step=None, variance="small"):
-        """Ancestral DDPM on respaced steps or DDIM (eta=0: deterministic). y (B,), shape (C, H, W).
-        `generators`: one torch.Generator (CPU) per sample, so a sample does not depend on its
-        batch. on_step(i, t, aux) is called after every model evaluation (routing statistics).
-        variance: DDPM's for a model without a learned one, "small" (the posterior's) or "large"
-        (beta_t, DiT's; S7 says why not)."""
+    def sample(self, model, y, steps=250, method="ddpm", cfg_scale=1.0, seed=0, first=0,
+               clip_x0=False, eta=0.0, on_step=None, variance="small", shape=None):
+        """Ancestral DDPM on respaced steps or DDIM (eta=0: deterministic) for labels y (B,).
+        Sample i draws its noise from a CPU generator seeded by (seed, first + i) alone: the same
+        image whatever the batch or process split. on_step(i, t, aux) is called after every model
+        evaluation (routing statistics). variance: DDPM's for a model without a learned one,
+        "small" (the posterior's) or "large" (beta_t, DiT's; S7 says why not). shape (C, H, W):
+        the model's by default."""
         if method not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {method!r}")
+        shape = shape or (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
         dev, B, C = y.device, y.shape[0], shape[0]
-
-        def randn():
-            if generators is None:
-                return torch.randn(B, *shape, device=dev)
-            return torch.stack([torch.randn(*shape, generator=g) for g in generators]).to(dev)
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + first + i) for i in range(B)]
+        randn = lambda: torch.stack([torch.randn(*shape, generator=g) for g in gens]).to(dev)
         ts, sched = self.respaced(steps)
         x = randn()
         for i in reversed(range(len(ts))):

@@ -24,10 +24,11 @@ import torch
 import torch.distributed as dist
 
 import race_dit as R
-from data import LATENT_SCALE, load_data, load_vae, to_model_input, to_uint8
-from pictures import experts_chart, routing_map, save_grid
-from runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, UserError, atomic_write, autocast_for,
-                  load_model, require, run_main, use_bf16, writable_folder)
+from support.data import LATENT_SCALE, load_data, load_vae, to_model_input, to_uint8
+from support.pictures import experts_chart, routing_map, save_grid
+from support.routing import ExpertsByTimestep, experts_per_token_at
+from support.runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, UserError, atomic_write,
+                          autocast_for, load_model, require, run_main, use_bf16, writable_folder)
 
 
 def parse_args(argv=None):
@@ -58,30 +59,6 @@ def parse_args(argv=None):
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast on CUDA (as train.py, whose thresholds it calibrated), fp32 on CPU")
     return p.parse_args(argv)
-
-
-@torch.no_grad()
-def generate(model, diffusion, y, first, seed, steps, cfg_scale, clip_x0, method="ddpm",
-             on_step=None, variance="small"):
-    """Samples for labels y, sample i seeded by (seed, first + i) alone: the same images whatever
-    the batch size or process split (with threshold routing)."""
-    gens = [torch.Generator().manual_seed(seed * 1_000_003 + first + i) for i in range(len(y))]
-    shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
-    return diffusion.sample(model, y, shape, steps=steps, method=method, cfg_scale=cfg_scale,
-                            generators=gens, clip_x0=clip_x0, on_step=on_step, variance=variance)
-
-
-@torch.no_grad()
-def experts_per_token_at(model, diffusion, x0, y, timesteps, generator):
-    """Experts per token (mean over MoE layers) of images x0 noised to each timestep, (T, B, L):
-    where the routing sends compute on data, at fixed noise from `generator` (CPU)."""
-    maps = []
-    for t in timesteps:
-        tt = torch.full((len(y),), t, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        maps.append(R.experts_per_token(model(diffusion.q_sample(x0, tt, noise), tt, y,
-                                              return_aux=True)[1]))
-    return torch.stack(maps)
 
 
 @torch.no_grad()
@@ -181,7 +158,7 @@ def run(args, grid_max=256):
 
     # --routing-map: the sampling steps whose per-token maps are kept (5, fewer if --steps < 5)
     map_steps = {round(v) for v in np.linspace(0, args.steps - 1, 5)} if args.routing_map else set()
-    stats = R.ExpertsByTimestep(map_steps, guided=args.cfg_scale != 1)
+    stats = ExpertsByTimestep(map_steps, guided=args.cfg_scale != 1)
     diffusion = R.Diffusion.of(model.cfg)
     shown, latents, mapped = [], [], []                              # mapped: (images, labels)
     mine = list(range(rank * args.batch_size, len(labels), world * args.batch_size))  # batch starts
@@ -191,9 +168,9 @@ def run(args, grid_max=256):
             images = np.load(part)                                       # resumed: generated before
         else:
             with autocast():
-                x = generate(model, diffusion, labels[s:s + args.batch_size].to(device), s,
-                             args.seed, args.steps, args.cfg_scale, clip_x0=not latent,
-                             method=args.sampler, on_step=stats)
+                x = diffusion.sample(model, labels[s:s + args.batch_size].to(device), args.steps,
+                                     args.sampler, args.cfg_scale, args.seed, first=s,
+                                     clip_x0=not latent, on_step=stats)
             if latent:
                 latents.append(x.cpu().numpy())
                 x = vae.decode(x / LATENT_SCALE).sample if vae is not None else None

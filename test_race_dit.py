@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 import race_dit as R
 from conftest import batch, randomize_zero_init, tiny
+from support.routing import ExpertsByTimestep, routing_stats
 
 # --------------------------------------------------------------------------------------------------
 # Configurations and parameter counts (S1, S2)
@@ -158,15 +159,18 @@ def test_race_selects_exactly_BLk_pairs_with_variable_experts_per_token():
     assert per_token.min() == 0 and per_token.max() > 2                   # no per-token quota
 
 
-def test_the_routing_map_counts_each_tokens_experts_of_the_conditional_half():
+def test_routing_statistics_under_guidance_count_the_conditional_half_alone():
     g = torch.Generator().manual_seed(0)
     masks = [torch.rand(6, 5, 8, generator=g) < 0.3 for _ in range(3)]    # 3 layers, (2B, L, E)
-    collect = R.ExpertsByTimestep(map_steps=[4], guided=True)
+    collect = ExpertsByTimestep(map_steps=[4], guided=True)
     collect(3, 500, [dict(mask=m) for m in masks])                        # not a kept step
     collect(4, 600, [dict(mask=m) for m in masks])
     want = [sum(int(m[b, i].sum()) for m in masks) / 3 for b in range(3) for i in range(5)]
     assert list(collect.maps) == [600]
     assert collect.maps[600][0].flatten().tolist() == pytest.approx(want)
+    # Fig. 6's means: the same three conditional images, each layer's mean experts per token
+    per_layer = [m[:3].sum(-1).float().mean().item() for m in masks]
+    assert collect.result()["per_layer"] == [pytest.approx([v, v]) for v in per_layer]
 
 
 def test_race_cutoff_is_kth_largest_score():
@@ -430,7 +434,7 @@ def mean_experts_per_token(model, diffusion, x0, y, seed):
     with torch.no_grad():
         xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
         _, aux = model(xt, t, y, return_aux=True)
-    return R.routing_stats(aux)["experts_per_token"]
+    return routing_stats(aux)["experts_per_token"]
 
 
 def test_threshold_activates_about_k_experts_and_calibration_restores_a_perturbed_copy():
@@ -509,7 +513,7 @@ def test_routing_stats_on_a_known_mask():
     mask = torch.zeros(1, 4, 4, dtype=torch.bool)                         # 4 tokens, 4 experts
     mask[0, :, 0] = True                                                  # expert 0 on every token
     mask[0, 0, 1] = mask[0, 1, 1] = mask[0, 2, 2] = True                  # pairs (0,1) x2, (0,2) x1
-    s = R.routing_stats([dict(mask=mask)], t=torch.tensor([999]))
+    s = routing_stats([dict(mask=mask)], t=torch.tensor([999]))
     assert s["layers"][0]["load"] == [4, 2, 1, 0]
     assert s["max_vio"] == pytest.approx((4 - 7 / 4) / (7 / 4))
     assert s["comb_usage"] == pytest.approx(100 * 2 / 6)                 # both pairs needed for 95%
@@ -537,16 +541,13 @@ def test_samplers_are_deterministic_and_batch_independent(method):
     cfg = tiny("race", "2in8")
     model = randomize_zero_init(R.RaceDiT(cfg)).eval()
     d = R.Diffusion()
-    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
     y = torch.tensor([0, 1, 2])
-    a = d.sample(model, y, (3, 8, 8), steps=5, method=method, cfg_scale=2.0,
-                 generators=gens([1, 2, 3]))
-    b = d.sample(model, y, (3, 8, 8), steps=5, method=method, cfg_scale=2.0,
-                 generators=gens([1, 2, 3]))
-    c = d.sample(model, y[1:2], (3, 8, 8), steps=5, method=method, cfg_scale=2.0,
-                 generators=gens([2]))
-    assert torch.equal(a, b) and a.isfinite().all()
+    a = d.sample(model, y, 5, method, cfg_scale=2.0, seed=1)
+    b = d.sample(model, y, 5, method, cfg_scale=2.0, seed=1)
+    c = d.sample(model, y[1:2], 5, method, cfg_scale=2.0, seed=1, first=1)   # sample 1 alone
+    assert torch.equal(a, b) and a.isfinite().all() and a.shape == (3, 3, 8, 8)
     torch.testing.assert_close(c, a[1:2], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(d.sample(model, y, 5, method, cfg_scale=2.0, seed=2), a)
 
 
 class GaussianOracle(torch.nn.Module):
@@ -574,7 +575,7 @@ def test_samplers_with_the_exact_denoiser_reproduce_gaussian_data(method, steps,
     torch.manual_seed(0)
     d = R.Diffusion(schedule, prediction=prediction)
     y = torch.zeros(64, dtype=torch.long)
-    x = d.sample(GaussianOracle(0.5, d, prediction), y, (1, 16, 16), steps=steps, method=method)
+    x = d.sample(GaussianOracle(0.5, d, prediction), y, steps, method, shape=(1, 16, 16))
     assert x.std().item() == pytest.approx(0.5, rel=0.02) and abs(x.mean().item()) < 0.01
 
 

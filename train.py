@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 
 import race_dit as R
-from data import LATENT_SCALE, BatchOrder, load_data, load_vae, to_model_input, to_uint8
-from evaluate import SUPPORTED as EVALUATED, Evaluator
-from pictures import plot_losses, save_grid
-from runs import (AT_LEAST_ZERO, DECAY, POSITIVE, POSITIVE_NUMBER, SEED, STEPS, WEIGHT, Diverged,
-                  Parser, UserError, autocast_for, keep_metrics, load_checkpoint, locked, require,
-                  run_main, save_checkpoint)
-from sample import generate
+from support.data import LATENT_SCALE, BatchOrder, load_data, load_vae, to_model_input, to_uint8
+from support.evaluator import SUPPORTED as EVALUATED, Evaluator
+from support.pictures import plot_losses, save_grid
+from support.runs import (AT_LEAST_ZERO, DECAY, POSITIVE, POSITIVE_NUMBER, SEED, STEPS, WEIGHT,
+                          Diverged, Parser, UserError, autocast_for, keep_metrics, load_checkpoint,
+                          locked, require, run_main, save_checkpoint)
+from support.routing import routing_stats
 
 
 def parse_args(argv=None, prog="train.py"):
@@ -94,7 +94,7 @@ def parse_args(argv=None, prog="train.py"):
     a("--grid-per-class", type=POSITIVE, default=20, help="samples per class row of the grid")
     a("--cfg-scale", type=WEIGHT, default=2.0)
     a("--eval", default="auto", choices=["auto", "on", "off"],
-      help="score the grids (evaluate.py); auto: on for shapes/cifar10/fashion-mnist")
+      help="score the grids (support/evaluator.py); auto: on for shapes/cifar10/fashion-mnist")
     a("--vae", default="stabilityai/sd-vae-ft-ema", help="decodes latent samples (diffusers)")
     a("--dist-timeout", type=POSITIVE, default=10,
       help="minutes a process waits for the others, plus the checkpoint's write at 50 MB/s")
@@ -282,8 +282,8 @@ def sample_grid(ema, diffusion, path, args, ds, vae, evaluator, autocast, device
     classes = np.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, 10)).round().astype(int)
     y = torch.tensor(classes, device=device).repeat_interleave(args.grid_per_class)
     with autocast():
-        x = generate(ema, diffusion, y, 0, args.seed, args.sample_steps, args.cfg_scale,
-                     not ds.latent)
+        x = diffusion.sample(ema, y, args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                             clip_x0=not ds.latent)
     images = to_uint8(vae.decode(x.float() / LATENT_SCALE).sample if ds.latent else x)
     save_grid(images, path, nrow=args.grid_per_class)
     return evaluator.score(images, y.cpu().numpy()) if evaluator is not None else {}
@@ -316,7 +316,7 @@ def log_record(step, n, sums, aux, t, seconds, model, opt, args, rank, world, de
               flush=True)
     record = dict(step=step, **vals, lr=opt.param_groups[0]["lr"], steps_per_s=rate, mem_gib=mem)
     if aux:
-        stats = R.routing_stats(aux, t)
+        stats = routing_stats(aux, t)
         record.update({k: v for k, v in stats.items() if k != "layers"},
                       load=[layer["load"] for layer in stats["layers"]],
                       threshold=[m.threshold.item() for m in model.moe_layers()])

@@ -32,7 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
 import train  # noqa: E402
-from runs import Parser, atomic_write, autocast_for, use_bf16  # noqa: E402
+from support.routing import routing_stats  # noqa: E402
+from support.runs import Parser, atomic_write, autocast_for, use_bf16  # noqa: E402
 
 DEFAULT = "S/2:dense,S/2:race:2in8,S/2:race:4in16,S/2:race:8in32,S/2:token:2in8,S/2:expert:2in8"
 
@@ -100,7 +101,7 @@ def step_memory(spec, args, batch, recompute, fake=True):
                               *(["--experts", experts[0]] if experts else []),
                               *(["--recompute"] if recompute else [])])
     S, C = args.image_size, args.channels
-    autocast = lambda: torch.autocast("cpu", torch.bfloat16)  # noqa: E731
+    autocast = lambda: torch.autocast("cpu", torch.bfloat16)
     with warnings.catch_warnings(), FakeTensorMode() if fake else contextlib.nullcontext():
         warnings.simplefilter("ignore")               # deepcopy reads a FakeTensor's data_ptr
         with LiveBytes() as live:
@@ -155,7 +156,7 @@ def memory(specs, args, gpus=(80, 141), batches=(256, 1024), limit=2**14):
                     break
                 b *= 2
             largest.update({(g, c): fits[g] for g in gpus})
-        gib = lambda n: n / 2**30  # noqa: E731
+        gib = lambda n: n / 2**30
         ckpt = train.checkpoint_bytes(config(spec, args, learn_sigma=True))
         row = dict(model=spec, params=params, checkpoint_gib=gib(ckpt), state_gib=gib(state),
                    peak_gib={f"{b}{'_recompute' if c else ''}": gib(v)
@@ -254,7 +255,7 @@ def main(argv=None):
                 times[s]["train"].append(t1 - t0)
                 times[s]["infer"].append(t2 - t1)
                 mem[s] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else saved
-                times[s]["experts"] = R.routing_stats(aux)["experts_per_token"] if aux else None
+                times[s]["experts"] = routing_stats(aux)["experts_per_token"] if aux else None
 
     base = specs[0]
     med = {s: {k: statistics.median(v) for k, v in times[s].items() if k != "experts"}

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
 import train  # noqa: E402
 from benchmarks import bench  # noqa: E402
-from data import BatchOrder, load_data  # noqa: E402
-from runs import Parser, atomic_write, autocast_for  # noqa: E402
+from support.data import BatchOrder, load_data  # noqa: E402
+from support.runs import Parser, atomic_write, autocast_for  # noqa: E402
 
 TINY = dict(model="XS/8", big="XS/8", batch=4, sync_batch=4, steps=6, size=8, limit=8)
 FULL = dict(model="B/2", big="XL/2", batch=256, sync_batch=32, steps=50, size=32, limit=4096)

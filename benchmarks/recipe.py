@@ -10,7 +10,7 @@ Each arm is train.py on the built-in 16x16 shapes with every recipe flag spelled
 later change of train.py's defaults cannot change what an arm means. Each lever compares an arm
 with its reference arm over the same seeds: the runs of one seed share initial weights, data order,
 t and noise wherever the lever leaves them alone (a batch or model change draws them differently).
-Every final EMA is scored as train.py scores its grids: evaluate.py's shape classifier on
+Every final EMA is scored as train.py scores its grids: support/evaluator.py's classifier on
 --per-class samples per class (class accuracy, log-probability of the class asked for, KID).
 The sampler levers re-sample the checkpoints of --sampler-arm with other settings, paired on the
 same weights and sampling seeds. Each lever gets a paired t-test over seeds, Holm-corrected over
@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import race_dit as R  # noqa: E402
 import train  # noqa: E402
-from data import to_uint8  # noqa: E402
-from evaluate import Evaluator  # noqa: E402
+from support.data import to_uint8  # noqa: E402
+from support.evaluator import Evaluator  # noqa: E402
 from benchmarks.reproduce import judge, paired_test  # noqa: E402
-from pictures import save_grid  # noqa: E402
-from runs import Parser, atomic_write, load_checkpoint, load_model  # noqa: E402
+from support.pictures import save_grid  # noqa: E402
+from support.runs import Parser, atomic_write, load_checkpoint, load_model  # noqa: E402
 
 DIT = ["--schedule", "linear", "--loss-weight", "none", "--prediction", "eps", "--lr", "1e-3",
        "--warmup", "100", "--batch-size", "64", "--steps", "1600", "--model", "XS/4",
@@ -79,8 +79,8 @@ def score(ckpt_path, sampler, evaluator, per_class):
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)
     tick = time.time()
     images = np.concatenate([
-        to_uint8(train.generate(model, R.Diffusion.of(model.cfg), labels[i:i + 250], i, 0, steps,
-                                guidance, True, method, variance=variance))
+        to_uint8(R.Diffusion.of(model.cfg).sample(model, labels[i:i + 250], steps, method, guidance,
+                                                  first=i, clip_x0=True, variance=variance))
         for i in range(0, len(labels), 250)])
     return dict(step=ckpt["step"], per_class=per_class, sample_seconds=time.time() - tick,
                 **evaluator.score(images, labels.numpy())), images

@@ -14,8 +14,8 @@ that carry the object (S3)?
 Every run uses train.py's default recipe (built-in 16x16 shapes, XS/4, batch 64, its diffusion),
 the same budget and seeds 0..N-1; every MoE is 2in8 with granularity 2, so its activated compute
 equals the dense MLP's. Per run: held-out epsilon-MSE on the test split at fixed (noise, timestep)
-per image, overall and by timestep; evaluate.py's class accuracy, log-probability of the class
-asked for and KID of --samples-per-class samples per class (DDIM, guidance 2); MaxVio and
+per image, overall and by timestep; support/evaluator.py's class accuracy, log-probability of the
+class asked for and KID of --samples-per-class samples per class (DDIM, guidance 2); MaxVio and
 combination usage (Table 2) from the last training logs; experts per token by sampling timestep
 (Fig. 6) and against the object's share of each patch; for the deep pair, each block's
 contribution relative to the residual stream. Each claim and metric gets a paired t-test over
@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import race_dit as R  # noqa: E402
 import train  # noqa: E402
-from data import load_data, to_uint8  # noqa: E402
-from evaluate import Evaluator  # noqa: E402
-from pictures import experts_chart, line_chart, save_grid  # noqa: E402
-from runs import Parser, atomic_write, load_checkpoint, load_model  # noqa: E402
-from sample import experts_per_token_at, generate  # noqa: E402
+from support.data import load_data, to_uint8  # noqa: E402
+from support.evaluator import Evaluator  # noqa: E402
+from support.pictures import experts_chart, line_chart, save_grid  # noqa: E402
+from support.runs import Parser, atomic_write, load_checkpoint, load_model  # noqa: E402
+from support.routing import ExpertsByTimestep, experts_per_token_at  # noqa: E402
 
 NO_AUX = ["--plr-weight", "0", "--rsl-weight", "0"]
 # name -> (train.py flags, inference routing, training run it shares)
@@ -160,10 +160,10 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
                                                noise.split(500))])                 # (N,) per image
     bins = t * MSE_BINS // d.num_timesteps                            # (N,) in 0..MSE_BINS-1
     labels = torch.arange(CLASSES).repeat_interleave(args.samples_per_class)
-    stats = R.ExpertsByTimestep()
+    stats = ExpertsByTimestep()
     images = np.concatenate([
-        to_uint8(generate(model, d, labels[i:i + 250], i, 0, args.sample_steps, 2.0, True,
-                          "ddim", stats))
+        to_uint8(d.sample(model, labels[i:i + 250], args.sample_steps, "ddim", 2.0, first=i,
+                          clip_x0=True, on_step=stats))
         for i in range(0, len(labels), 250)])
     records = [json.loads(line) for line in open(Path(ckpt_path).parent / "metrics.jsonl")]
     out = dict(heldout_mse=mse.mean().item(), steps=ckpt["step"], sample_steps=args.sample_steps,

@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
 import train  # noqa: E402
-from data import BatchOrder, load_data  # noqa: E402
-from runs import Parser, atomic_write, autocast_for  # noqa: E402
+from support.data import BatchOrder, load_data  # noqa: E402
+from support.runs import Parser, atomic_write, autocast_for  # noqa: E402
 
 
 def rss_mib():

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runs import UserError, atomic_write
+from support.runs import UserError, atomic_write
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"

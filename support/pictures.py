@@ -9,7 +9,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from runs import atomic_write
+from support.runs import atomic_write
 
 
 def save_grid(images, path, nrow):

@@ -1,20 +1,15 @@
 """
-Score a checkpoint's samples with a small classifier trained on the same data (shapes,
-Fashion-MNIST, CIFAR-10): the class accuracy of class-conditional samples and the mean
-log-probability of the class asked for, and the KID (kernel inception distance: an unbiased MMD^2
-under a cubic kernel) between samples and the test split in the classifier's 64-d features, with its
-spread over disjoint subsets. The KID is a proxy for sample quality, NOT FID: other network, other
-features. The classifier is trained on images whose colours are re-drawn at random, so that it reads
-shapes: on the built-in shapes it is checked to score near chance on discs in the classes' colours
-and near 100% on real shapes in random colours (the probes, printed when it is trained).
-
-    python evaluate.py --ckpt runs/default/ckpt.pt                  # 20 samples per class
-    python evaluate.py --ckpt CKPT --per-class 100 --classifier-seed 1 --json eval.json
-
-The classifier is trained once per (data, image size, seed) on the training split and cached beside
-the data (--data-dir); the test split is used only for its accuracy and the KID reference.
+The evaluator of samples: a small classifier trained on the same data (shapes, Fashion-MNIST,
+CIFAR-10) scores class-conditional samples by the class accuracy, the mean log-probability of the
+class asked for, and the KID (kernel inception distance: an unbiased MMD^2 under a cubic kernel)
+between samples and the test split in the classifier's 64-d features, with its spread over disjoint
+subsets. The KID is a proxy for sample quality, NOT FID: other network, other features. The
+classifier is trained on images whose colours are re-drawn at random, so that it reads shapes: on
+the built-in shapes it is checked to score near chance on discs in the classes' colours and near
+100% on real shapes in random colours (the probes, printed when it is trained). It is trained once
+per (data, image size, seed) on the training split and cached beside the data; the test split is
+used only for its accuracy and the KID reference.
 """
-import json
 import math
 import time
 from pathlib import Path
@@ -24,12 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import race_dit as R
-from data import load_data, make_shapes, to_uint8
-from pictures import save_grid
-from runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, atomic_write, load_model, require,
-                  run_main, writable_folder)
-from sample import generate
+from support.data import load_data, make_shapes
+from support.runs import atomic_write, require
 
 SUPPORTED = ("shapes", "cifar10", "fashion-mnist")
 
@@ -155,50 +146,3 @@ class Evaluator:
         return dict(accuracy=float((logits.argmax(1) == labels).mean()), logp=float(logp.mean()),
                     kid=kid(feats, self.ref), kid_se=se, n=len(x),
                     classifier_test_accuracy=self.test_accuracy, **self.probes)
-
-
-def main(argv=None):
-    p = Parser(prog="evaluate.py", description=__doc__)
-    a = p.add_argument
-    a("--ckpt", required=True, help="a train.py checkpoint of shapes, fashion-mnist or cifar10")
-    a("--per-class", type=POSITIVE, default=20, help="samples per class")
-    a("--steps", type=STEPS, help="sampling steps (default: the run's --sample-steps)")
-    a("--cfg-scale", type=WEIGHT, help="guidance (default: the run's --cfg-scale)")
-    a("--seed", type=SEED, default=0, help="sampling seed")
-    a("--classifier-seed", type=SEED, default=0, help="another seed trains another classifier")
-    a("--batch-size", type=POSITIVE, default=100)
-    a("--json", help="write the scores here (also printed)")
-    a("--grid", help="also write the samples as a PNG grid, one row per class")
-    args = p.parse_args(argv)
-    run_main("evaluate.py", lambda: evaluate(args))
-
-
-def evaluate(args):
-    for path, flag in ((args.json, "--json"), (args.grid, "--grid")):
-        if path:
-            writable_folder(path, flag)
-    model, ckpt = load_model(args.ckpt)
-    run = ckpt["args"]
-    steps = args.steps or run["sample_steps"]                             # the run's were checked
-    cfg_scale = run["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
-    evaluator = Evaluator(run["data"], run["data_dir"], run["image_size"], args.classifier_seed)
-    labels = torch.arange(model.cfg.num_classes).repeat_interleave(args.per_class)
-    tick, images = time.time(), []
-    for s in range(0, len(labels), args.batch_size):
-        y = labels[s:s + args.batch_size]
-        x = generate(model, R.Diffusion.of(model.cfg), y, s, args.seed, steps, cfg_scale, True)
-        images.append(to_uint8(x))
-    images = np.concatenate(images)
-    scores = dict(ckpt=str(args.ckpt), step=ckpt["step"], steps=steps, cfg_scale=cfg_scale,
-                  seed=args.seed, classifier_seed=args.classifier_seed,
-                  sample_seconds=time.time() - tick,
-                  **evaluator.score(images, labels.numpy()))
-    print(json.dumps(scores, indent=1))
-    if args.json:
-        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(scores, indent=1)))
-    if args.grid:
-        save_grid(images, args.grid, nrow=args.per_class)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,5 @@
-"""End-to-end tests of the scripts (train.py, sample.py, evaluate.py, extract_latents.py,
-benchmarks) and of the data and file helpers they share, on tiny inputs the tests create. CPU only,
-no network."""
+"""End-to-end tests of the scripts (train.py, sample.py, tools/, benchmarks/) and of the data and
+file helpers they share (support/), on tiny inputs the tests create. CPU only, no network."""
 import argparse
 import contextlib
 import gzip
@@ -23,16 +22,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-import data
-import evaluate
-import extract_latents
 import race_dit as R
-import runs
 import sample
 import train
+from support import data, evaluator, runs
+from tools import evaluate, extract_latents
 from conftest import FAST, randomize_zero_init, run_train
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def digest(path):
@@ -165,7 +162,7 @@ def test_the_data_path_makes_every_tensor_on_the_batchs_device(latent):
 def shapes_evaluator(tmp_path_factory):
     """The shapes classifier at 16x16, trained once (about 10 s) and cached in its folder."""
     folder = tmp_path_factory.mktemp("evaluator")
-    return evaluate.Evaluator("shapes", folder, 16, log=lambda *a: None), folder
+    return evaluator.Evaluator("shapes", folder, 16, log=lambda *a: None), folder
 
 
 def test_the_shapes_classifier_reads_shapes_not_colours(shapes_evaluator):
@@ -261,8 +258,8 @@ def test_the_runs_diffusion_is_saved_and_used_by_resume_sample_and_evaluate(tmp_
     sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--steps", "4", "--labels", "0,1,2",
                  "--npz", str(tmp_path / "s.npz"), "--out", ""])
     model, _ = runs.load_model(tmp_path / "ckpt.pt")
-    made = lambda d: data.to_uint8(sample.generate(model, d, torch.tensor([0, 1, 2]), 0, 0, 4,
-                                                    1.5, True))
+    made = lambda d: data.to_uint8(d.sample(model, torch.tensor([0, 1, 2]), 4, cfg_scale=1.5,
+                                            clip_x0=True))
     got = np.load(tmp_path / "s.npz")["arr_0"]
     assert np.array_equal(got, made(R.Diffusion("cosine", prediction="v"))) and not np.array_equal(
         got, made(R.Diffusion()))
@@ -343,8 +340,10 @@ def test_the_model_is_built_on_its_device_not_on_the_host(tmp_path):
         model, ema, opt = train.build(cfg, args, torch.device("meta"))   # meta stands in for a GPU
     tensors = [*model.parameters(), *model.buffers(), *ema.parameters(), *ema.buffers()]
     assert tensors and all(t.device.type == "meta" for t in tensors)
-    # on the host: the sin-cos table (4 tokens x 192) at most, no weight (an expert's w1: 8x192x384)
-    assert host.sizes and max(host.sizes) <= 4 * 192
+    assert host.sizes == []                      # not a weight, not even the sin-cos table,
+    with HostTensors() as probe:                 # which the mode sees when made on the host
+        R.sincos_pos_embed(192, 2)
+    assert probe.sizes == [4 * 192]
 
 
 def test_a_restart_without_checkpoint_drops_the_killed_runs_records(tmp_path):
@@ -422,8 +421,9 @@ def test_a_file_size_limit_during_torch_save_is_one_line_and_keeps_the_old_file(
     """A 4 GB file-system limit or `ulimit -f` (EFBIG): torch.save's zip writer fails with
     "unexpected pos"; a subprocess, so that the limit binds it alone."""
     (tmp_path / "ckpt.pt").write_bytes(b"old")
-    code = ("import resource, torch, runs; resource.setrlimit(resource.RLIMIT_FSIZE, "
-            "(100_000, resource.RLIM_INFINITY)); runs.run_main('train.py', lambda: "
+    code = ("import resource, torch; from support import runs; "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY)); "
+            "runs.run_main('train.py', lambda: "
             "runs.save_checkpoint('ckpt.pt', dict(model={'w': torch.zeros(1_000_000)})))")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -678,13 +678,13 @@ def test_torchrun_splits_npz_generation_into_the_same_file(ckpt, tmp_path):
 
 
 def interrupt_after_two_batches(monkeypatch, ckpt, npz, *extra):
-    calls, real = [], sample.generate
+    calls, real = [], R.Diffusion.sample
     def flaky(*a, **k):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(sample, "generate", flaky)
+    monkeypatch.setattr(R.Diffusion, "sample", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_sample(ckpt, "--batch-size", "2", "--npz", str(npz), "--out", "", *extra)
     calls.clear()
@@ -847,14 +847,14 @@ def brute_force_kid(a, b):
 def test_kid_is_the_unbiased_mmd_zero_for_one_distribution_and_exact_for_a_shift():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((6, 3)), rng.standard_normal((5, 3)) + 0.5
-    assert evaluate.kid(a, b) == pytest.approx(brute_force_kid(a, b))
+    assert evaluator.kid(a, b) == pytest.approx(brute_force_kid(a, b))
     # Unbiased: over many small samples of one distribution the mean is 0 (a V-statistic is not).
-    same = [evaluate.kid(rng.standard_normal((10, 4)), rng.standard_normal((10, 4)))
+    same = [evaluator.kid(rng.standard_normal((10, 4)), rng.standard_normal((10, 4)))
             for _ in range(400)]
     assert abs(np.mean(same)) < 3 * np.std(same) / math.sqrt(400)
     # 1-d, N(0, 1) against N(1, 1) under (xy + 1)^3: E k(x, x') = 4, E k(y, y') = 32, E k(x, y) = 7.
     x, y = rng.standard_normal((3000, 1)), rng.standard_normal((3000, 1)) + 1
-    assert evaluate.kid(x, y) == pytest.approx(4 + 32 - 2 * 7, rel=0.1)
+    assert evaluator.kid(x, y) == pytest.approx(4 + 32 - 2 * 7, rel=0.1)
 
 
 def separable(n, seed):
@@ -867,14 +867,14 @@ def separable(n, seed):
 def test_evaluator_scores_held_out_real_images_as_perfect(tmp_path):
     for split, seed in (("train", 0), ("t10k", 1)):
         write_idx(tmp_path, split, *separable(400, seed))
-    ev = evaluate.Evaluator("fashion-mnist", tmp_path, epochs=25, log=lambda *a: None)
+    ev = evaluator.Evaluator("fashion-mnist", tmp_path, epochs=25, log=lambda *a: None)
     assert ev.test_accuracy == 1.0 and list(tmp_path.glob("evaluator-*.pt"))
     held, y = separable(200, 2)
     scores = ev.score(np.repeat(held[..., None], 3, axis=3), y)    # as sample.py writes grey images
     assert scores["accuracy"] == 1.0 and scores["n"] == 200
     wrong = ev.score(np.repeat(held[..., None], 3, axis=3), (y + 1) % 10)
     assert wrong["accuracy"] == 0.0
-    cached = evaluate.Evaluator("fashion-mnist", tmp_path)                # loaded, not retrained
+    cached = evaluator.Evaluator("fashion-mnist", tmp_path)                # loaded, not retrained
     assert cached.score(np.repeat(held[..., None], 3, axis=3), y) == scores
 
 

@@ -2,21 +2,22 @@
 Encode a class-folder image dataset (e.g. ImageNet train/) with the Stable Diffusion VAE into the
 latent format `train.py --data latents` reads (needs `pip install diffusers` and the VAE weights):
 
-    python extract_latents.py /path/to/imagenet/train latents/ --image-size 256
+    python tools/extract_latents.py /path/to/imagenet/train latents/ --image-size 256
 
 moments.npy, float16 (N, 2, 8, s/8, s/8): for each image [0] and its horizontal flip [1], the VAE
 posterior [mean (4 channels) | log-variance (4 channels)]; labels.npy, int64 (N,), the class
 folder's index in sorted order. Both files are written atomically.
 """
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import FolderDataset
-from data import load_vae
-from runs import Parser, atomic_write, require, run_main
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from support.data import FolderDataset, load_vae  # noqa: E402
+from support.runs import Parser, atomic_write, require, run_main  # noqa: E402
 
 
 @torch.no_grad()
