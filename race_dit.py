@@ -1,14 +1,10 @@
 """
-Race-DiT: a Diffusion Transformer whose MLPs are Mixture-of-Experts layers routed by Expert Race.
-
-Paper: Yuan et al., "Expert Race: A Flexible Routing Strategy for Scaling Diffusion Transformer
-with Mixture of Experts", arXiv 2503.16057 (ICML 2025). Backbone: Peebles & Xie, "Scalable
-Diffusion Models with Transformers" (DiT), arXiv 2212.09748. S1..S7 below are the sections of
-PAPER.md, this repository's one-page digest of the paper, which also lists the details the paper
-leaves open and the choices made.
-
-Read top to bottom: configuration, DiT building blocks, the MoE layer (routing, dispatch,
-threshold), the model, the auxiliary losses and routing statistics, the Gaussian diffusion.
+Race-DiT: a Diffusion Transformer whose MLPs are Mixture-of-Experts layers routed by Expert Race
+(Yuan et al., arXiv 2503.16057, ICML 2025), on DiT (Peebles & Xie, arXiv 2212.09748). S1..S7 are
+the sections of PAPER.md, the digest of the paper with the details it leaves open and the choices
+made. Top to bottom: configuration, DiT blocks, the MoE layer (Expert Race's selection, the
+dispatch, the inference threshold), the model, PLR and RSL, the threshold's calibration, the
+diffusion.
 """
 import itertools
 import math
@@ -68,15 +64,11 @@ class Config:
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
-        need(self.routing in ROUTINGS, f"unknown routing {self.routing!r}; choose from {ROUTINGS}")
-        need(self.gating in GATINGS, f"unknown gating {self.gating!r}; choose from {GATINGS}")
-        need(self.schedule in SCHEDULES,
-             f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
-        need(self.loss_weight in LOSS_WEIGHTS,
-             f"unknown loss weight {self.loss_weight!r}; choose from {LOSS_WEIGHTS}")
+        for name, allowed in (("routing", ROUTINGS), ("gating", GATINGS), ("schedule", SCHEDULES),
+                              ("loss_weight", LOSS_WEIGHTS), ("prediction", PREDICTIONS)):
+            value = getattr(self, name)
+            need(value in allowed, f"unknown {name} {value!r}; choose from {allowed}")
         need(self.min_snr_gamma > 0, f"min-SNR gamma must be positive, got {self.min_snr_gamma}")
-        need(self.prediction in PREDICTIONS,
-             f"unknown prediction {self.prediction!r}; choose from {PREDICTIONS}")
         need(self.input_size % self.patch_size == 0,
              f"image size {self.input_size} is not divisible by the patch size {self.patch_size}")
         need(self.hidden_size % self.num_heads == 0, "hidden size must be divisible by the heads")
@@ -222,47 +214,12 @@ class Mlp(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The MoE layer (S2-S4)
 
-def use_grouped_mm(device, dtype, capability=None, compiling=None):
-    """Whether one F.grouped_mm beats the loop over experts (benchmarks/README.md has the timings).
-    CUDA: only on compute capability 9.x (Hopper) in bf16, where it runs without host
-    synchronisation; elsewhere it falls back to a loop that copies the group offsets to the host.
-    Not on Blackwell (10.x), where an expert without tokens (which Expert Race allows) gets an
-    unwritten weight gradient (pytorch/pytorch#172439). CPU: in bf16 and fp32 (no float64 kernel),
-    but not in fp32 under torch.compile, whose shape function for it accepts bf16 only."""
-    if device.type == "cpu":
-        compiling = torch.compiler.is_compiling() if compiling is None else compiling
-        return dtype == torch.bfloat16 or (dtype == torch.float32 and not compiling)
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return False
-    major, _ = capability or torch.cuda.get_device_capability(device)
-    return major == 9
-
-
-def compute_dtype(x):
-    """The dtype x's matmuls run in: autocast's where it is enabled on x's device, else x's own."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
-def grouped_matmul(x, w, ends, grouped=None):
-    """Rows of x (P, Din) are grouped by expert (group e ends at row ends[e]); returns group
-    e @ w[e] for every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a
-    loop over experts. Autocast does not cover grouped_mm, so the weights are cast here: once per
-    forward, as autocast casts an nn.Linear's weight."""
-    dtype = compute_dtype(x)
-    x, w = x.to(dtype), w.to(dtype)
-    if use_grouped_mm(x.device, dtype) if grouped is None else grouped:
-        return F.grouped_mm(x, w, offs=ends.to(torch.int32))
-    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # the one host sync of this path
-    return torch.cat([xe @ we for xe, we in zip(x.split(counts), w)])
-
-
 class MoE(nn.Module):
-    """Router, E bias-free experts held as stacked weights, and the PLR target head (S2, S5).
+    """Router, E bias-free experts held as stacked weights, and the PLR head (S2, S5).
 
-    forward(x (B, L, D)) -> (out (B, L, D), aux) where aux holds what the losses and statistics
-    need: logits (B, L, E), mask (B, L, E) of selected pairs, cutoff (race top-K), and in training
-    plr (B, L, p*p*C), which the model turns into image layout (B, C, H, W).
+    forward(x (B, L, D)) -> (out (B, L, D), aux): aux holds what the losses and statistics need:
+    logits (B, L, E), mask (B, L, E) of the selected pairs, cutoff (race top-K), and in training
+    plr (B, L, p*p*C), which the model turns into image layout.
     """
 
     def __init__(self, cfg: Config):
@@ -273,17 +230,17 @@ class MoE(nn.Module):
         self.capacity, self.decay = cfg.capacity, cfg.threshold_decay
         self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))  # h = GELU(Wx)
         self.scorer = nn.Linear(D, E)                                           # logits = scorer(h)
-        # S5 per-layer regularization: predict the diffusion target (epsilon, patchified) from h; C
-        # channels, not C_out: a learned-sigma model has no target for its variance channels.
+        # S5: predicts the diffusion target (patchified) from h; C channels, not C_out: a
+        # learned-sigma model has no target for its variance channels.
         self.plr_head = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
         bound = math.sqrt(6 / (D + H))  # xavier-uniform per expert, like the dense MLP's fc1/fc2
         self.w1 = nn.Parameter(torch.empty(E, D, H).uniform_(-bound, bound))
         self.w2 = nn.Parameter(torch.empty(E, H, D).uniform_(-bound, bound))
-        # S4 inference threshold: EMA of the race cutoff, updated by the model after each
-        # training forward.
+        # S4: at inference a race layer selects the pairs whose score passes its threshold, an EMA
+        # of the training cutoffs ("threshold"), or the batch's top-K as in training ("topk").
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
-        self.use_threshold = True  # eval-mode race: score >= threshold; False forces batch top-K
+        self.select_by = "threshold"
 
     def gating_fn(self, logits):  # S3 / Table 1: the gating function turns logits into scores
         if self.gating == "softmax":
@@ -291,19 +248,20 @@ class MoE(nn.Module):
         return logits.sigmoid() if self.gating == "sigmoid" else logits
 
     def select(self, scores, B, L):
-        """Selected (token, expert) pairs as sorted indices into the expert-major flat (E * N)
-        grid, index e*N + n, so sorting groups the pairs by expert. Returns (pairs, race cutoff
-        or None)."""
+        """The selected (token, expert) pairs as sorted indices into the expert-major flat grid of
+        E * N scores (N = B * L tokens): pair (n, e) is index e * N + n, so that sorting groups the
+        pairs by expert. With E = 2, N = 3 and pairs (token 0, expert 1), (2, 0), (1, 1):
+        indices 1*3+0 = 3, 0*3+2 = 2, 1*3+1 = 4, sorted [2, 3, 4]; expert = index // N = [0, 1, 1],
+        token = index % N = [2, 0, 1]. Returns (pairs, the race's cutoff or None)."""
         N, E, k = B * L, self.E, self.k
         st = scores.t()                                                   # (E, N)
         if self.routing == "race":
-            if self.training or not self.use_threshold:
-                # Expert Race (S3): one top-K over all B*L*E scores; K = B*L*k exactly,
-                # ties included.
+            if self.training or self.select_by == "topk":
+                # Expert Race (S3): one top-K over all B*L*E scores, K = B*L*k exactly (ties too).
                 vals, idx = st.reshape(-1).topk(N * k, sorted=False)
                 return idx.sort().values, vals.min()
-            # S4: per-pair threshold, so a token's experts do not depend on its batch (host sync:
-            # the number of pairs is data dependent; inference only).
+            # S4: each pair against the threshold, so a token's experts do not depend on its batch
+            # (a host sync: the number of pairs is data dependent; inference only).
             return (st.reshape(-1) >= self.threshold).nonzero().squeeze(1), None
         if self.routing == "token":                                      # top-k experts per token
             e = scores.topk(k, dim=1).indices                             # (N, k)
@@ -319,43 +277,113 @@ class MoE(nn.Module):
         N, E = B * L, self.E
         xf = x.reshape(N, D)
         h = self.router(xf)                                               # (N, D)
-        # Routing decisions at fp32 resolution: under bf16 autocast, bf16 logits would tie at the
-        # race's cutoff and at the inference threshold (S3, S4).
+        # Routing decisions at fp32 resolution: bf16 logits would tie at the race's cutoff and at
+        # the threshold (S3, S4).
         with torch.autocast(x.device.type, enabled=False):
             logits = self.scorer(h.to(self.scorer.weight.dtype))         # (N, E)
         scores = self.gating_fn(logits)                                   # (N, E)
         pairs, cutoff = self.select(scores.detach(), B, L)               # (P,) sorted, expert-major
         expert, token = pairs // N, pairs % N                             # (P,), (P,)
-        # Group ends per expert, found in the sorted pairs without a host sync.
         ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
         # Dispatch: only the P selected pairs are computed; an expert may get any load, zero
-        # included. Gathered in x's dtype (fp32 under autocast), then cast: backward then adds a
-        # token's up to E gradients in fp32, as it would for one dense matmul's input.
+        # included. Gathered from x's dtype (fp32 under autocast), then cast: backward adds a
+        # token's up to E gradients in fp32, as for one dense matmul's input.
         tokens = xf.index_select(0, token).to(compute_dtype(xf))          # (P, D)
         hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
         out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
-        # Each output weighed by its pair's score (S3: the gating function of the scores).
+        # Each output weighed by its pair's score (S3).
         pair_scores = scores.reshape(-1).index_select(0, token * E + expert)  # (P,)
         out = out * pair_scores.unsqueeze(1).to(out.dtype)                # (P, D)
-        # Combined in (at least) fp32 and rounded once to the experts' dtype, as a dense MLP's
-        # output is: a bf16 sum would round after each of a token's up to E adds.
+        # Combined in (at least) fp32 and rounded once, as a dense MLP's output is: a bf16 sum
+        # would round after each of a token's up to E adds.
         acc = torch.promote_types(out.dtype, torch.float32)
         y = torch.zeros(N, D, device=x.device, dtype=acc).index_add_(0, token, out.to(acc))
-        y = y.to(out.dtype)                                               # (N, D)
         mask = torch.zeros(E * N, dtype=torch.bool, device=x.device).index_fill_(0, pairs, True)
         layer_aux = dict(logits=logits.view(B, L, E), mask=mask.view(E, B, L).permute(1, 2, 0),
                          cutoff=cutoff)
         if self.training:
             layer_aux["plr"] = self.plr_head(h).view(B, L, -1)
-        return y.view(B, L, D), layer_aux
+        return y.to(out.dtype).view(B, L, D), layer_aux
 
-    @torch.no_grad()
-    def update_threshold(self, cutoff):
-        # The first update takes the cutoff itself; later ones the EMA.
-        # torch.where avoids a host sync.
-        ema = self.decay * self.threshold + (1 - self.decay) * cutoff
-        self.threshold.copy_(torch.where(self.threshold_updates > 0, ema, cutoff))
-        self.threshold_updates += 1
+
+
+def grouped_matmul(x, w, ends, grouped=None):
+    """Rows of x (P, Din) grouped by expert (group e ends at row ends[e]) -> group e @ w[e] for
+    every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a loop over
+    experts. Autocast does not cover grouped_mm: the weights are cast here, once per forward, as
+    autocast casts an nn.Linear's weight."""
+    dtype = compute_dtype(x)
+    x, w = x.to(dtype), w.to(dtype)
+    if use_grouped_mm(x.device, dtype) if grouped is None else grouped:
+        return F.grouped_mm(x, w, offs=ends.to(torch.int32))
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # the one host sync of this path
+    return torch.cat([xe @ we for xe, we in zip(x.split(counts), w)])
+
+
+def use_grouped_mm(device, dtype, capability=None, compiling=None):
+    """The dispatch policy: where one F.grouped_mm beats the loop (timings: benchmarks/README.md).
+    CUDA: compute capability 9.x (Hopper) in bf16 only, where it needs no host sync; not on
+    Blackwell (10.x), where an expert without tokens gets an unwritten weight gradient
+    (pytorch/pytorch#172439). CPU: bf16 and fp32 (no float64 kernel), but not fp32 under
+    torch.compile, whose shape function accepts bf16 only."""
+    if device.type == "cpu":
+        compiling = torch.compiler.is_compiling() if compiling is None else compiling
+        return dtype == torch.bfloat16 or (dtype == torch.float32 and not compiling)
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    return (capability or torch.cuda.get_device_capability(device))[0] == 9
+
+
+def compute_dtype(x):
+    """The dtype x's matmuls run in: autocast's where it is enabled on x's device, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# The inference threshold (S4)
+
+@torch.no_grad()
+def update_threshold(layer, cutoff):
+    """A training race's cutoff moves the layer's threshold: an EMA (decay threshold_decay) whose
+    first update takes the cutoff itself (torch.where: no host sync). The model calls it, not the
+    layer: a block recomputed for backward must not update it twice."""
+    ema = layer.decay * layer.threshold + (1 - layer.decay) * cutoff
+    layer.threshold.copy_(torch.where(layer.threshold_updates > 0, ema, cutoff))
+    layer.threshold_updates += 1
+
+
+def set_select_by(model, mode):
+    """How the race layers select at inference: "threshold" (S4) or "topk" (the batch's top-K, as
+    in training; for comparison)."""
+    if mode not in ("threshold", "topk"):
+        raise ValueError(f"select_by must be 'threshold' or 'topk', got {mode!r}")
+    for m in model.moe_layers():
+        m.select_by = mode
+
+
+@torch.no_grad()
+def calibrate_thresholds(model, diffusion, batches):
+    """S4 (chosen): every race layer's threshold re-estimated as the mean batch top-K cutoff over
+    training-like batches (x0, y): random t, noise and label dropout. For EMA copies, whose router
+    logits differ from the online model's. Restores the model's mode and select_by."""
+    layers = [m for m in model.moe_layers() if m.routing == "race"]
+    if not layers:
+        return
+    was_training, select_by = model.training, layers[0].select_by
+    model.eval()
+    set_select_by(model, "topk")
+    sums, n = torch.zeros(len(layers)), 0
+    for x0, y in batches:
+        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+        y = drop_labels(y, model.cfg.class_dropout_prob, model.cfg.num_classes)
+        _, aux = model(diffusion.q_sample(x0, t, torch.randn_like(x0)), t, y, return_aux=True)
+        sums += torch.stack([a["cutoff"].float().cpu() for a in aux if a["cutoff"] is not None])
+        n += 1
+    for m, s in zip(layers, sums / max(n, 1)):
+        m.threshold.fill_(s.item())
+    set_select_by(model, select_by)
+    model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,10 +482,8 @@ class RaceDiT(nn.Module):
             else:
                 h, layer_aux = block(h, c)
             if layer_aux is not None:
-                # S4 threshold EMA, here rather than in the MoE: a block recomputed for backward
-                # must not update it a second time.
-                if self.training and layer_aux["cutoff"] is not None:
-                    block.mlp.update_threshold(layer_aux["cutoff"].detach().float())
+                if self.training and layer_aux["cutoff"] is not None:           # S4
+                    update_threshold(block.mlp, layer_aux["cutoff"].detach().float())
                 if "plr" in layer_aux:  # S5 predictions in image layout, like the diffusion target
                     layer_aux["plr"] = unpatchify(layer_aux["plr"], self.cfg.patch_size,
                                                   self.cfg.in_channels)
@@ -469,20 +495,15 @@ class RaceDiT(nn.Module):
 def guided_forward(model, x, t, y, cfg_scale):
     """Classifier-free guidance with cond and uncond in one batched forward, applied to all of the
     epsilon channels (a learned variance is taken from the conditional half). Returns (out, aux)."""
+    if model.cfg.class_dropout_prob <= 0:
+        raise ValueError("guidance needs the null class of a model trained with label dropout "
+                         "(class_dropout_prob > 0)")
     null = torch.full_like(y, model.cfg.num_classes)
     out, aux = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), return_aux=True)
     cond, uncond = out.chunk(2)
     C = x.shape[1]
     eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
     return torch.cat([eps, cond[:, C:]], dim=1), aux
-
-
-def set_inference_routing(model, mode):
-    """'threshold' (default; S4) or 'topk' (batch top-K at inference, for comparison)."""
-    if mode not in ("threshold", "topk"):
-        raise ValueError(f"routing must be 'threshold' or 'topk', got {mode!r}")
-    for m in model.moe_layers():
-        m.use_threshold = mode == "threshold"
 
 
 def count_params(model, blocks_only=False):
@@ -499,7 +520,13 @@ def count_params(model, blocks_only=False):
 
 
 # --------------------------------------------------------------------------------------------------
-# Auxiliary losses (S5, S6). Each takes the per-layer aux the model returns.
+# PLR (S5) and RSL (S6), and the token-choice baseline's balance loss, from the per-layer aux
+
+def plr_loss(aux, target):
+    """S5: each MoE layer's prediction of the diffusion target (B, C, H, W) from its router's
+    hidden state, MSE averaged over layers (needs training-mode aux)."""
+    return sum(F.mse_loss(a["plr"].float(), target) for a in aux) / len(aux)
+
 
 def rsl_loss(logits, mask):
     """S6: L_RSL = (1/N) sum_ij W_ij (P^T P)_ij, P = softmax(logits) (N, E), W from the selection
@@ -526,40 +553,15 @@ def balance_loss(logits, mask):
     return E * ((M.sum(0) / M.sum().clamp(min=1)) * P.mean(0)).sum()
 
 
-def moe_losses(aux, target):
-    """Means over MoE layers: plr (S5; needs training-mode aux), rsl (S6), balance. target: the
-    diffusion target (B, C, H, W)."""
+def moe_losses(aux, target, balance=False):
+    """Means over MoE layers: plr (in training), rsl, and balance when asked."""
     n = len(aux)
-    out = dict(rsl=sum(rsl_loss(a["logits"], a["mask"]) for a in aux) / n,
-               balance=sum(balance_loss(a["logits"], a["mask"]) for a in aux) / n)
+    out = dict(rsl=sum(rsl_loss(a["logits"], a["mask"]) for a in aux) / n)
     if "plr" in aux[0]:
-        out["plr"] = sum(F.mse_loss(a["plr"].float(), target) for a in aux) / n
+        out["plr"] = plr_loss(aux, target)
+    if balance:
+        out["balance"] = sum(balance_loss(a["logits"], a["mask"]) for a in aux) / n
     return out
-
-
-@torch.no_grad()
-def calibrate_thresholds(model, diffusion, batches):
-    """S4 (chosen): re-estimate every race layer's inference threshold as the mean batch top-K
-    cutoff over training-like batches (x0, y): random t, noise and label dropout. Use it on EMA
-    copies, whose router logits differ from the online model's. Restores the model's mode and
-    routing."""
-    layers = [m for m in model.moe_layers() if m.routing == "race"]
-    if not layers:
-        return
-    was_training, was_threshold = model.training, layers[0].use_threshold
-    model.eval()
-    set_inference_routing(model, "topk")
-    sums, n = torch.zeros(len(layers)), 0
-    for x0, y in batches:
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
-        y = drop_labels(y, model.cfg.class_dropout_prob, model.cfg.num_classes)
-        _, aux = model(diffusion.q_sample(x0, t, torch.randn_like(x0)), t, y, return_aux=True)
-        sums += torch.stack([a["cutoff"].float().cpu() for a in aux if a["cutoff"] is not None])
-        n += 1
-    for m, s in zip(layers, sums / max(n, 1)):
-        m.threshold.fill_(s.item())
-    set_inference_routing(model, "threshold" if was_threshold else "topk")
-    model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -682,8 +684,8 @@ class Diffusion:
     def training_losses(self, model, x0, y, plr_weight=0.1, rsl_weight=0.01, balance_weight=0.0,
                         t=None, noise=None):
         """Returns (losses, aux): losses has 'loss' (the total to minimise) and each term
-        unweighted: 'mse', for learned-variance models 'vb', for MoE models 'plr', 'rsl',
-        'balance'; aux is the model's per-layer MoE aux."""
+        unweighted: 'mse', for learned-variance models 'vb', for MoE models 'plr', 'rsl' and with
+        balance_weight > 0 'balance'; aux is the model's per-layer MoE aux."""
         B, C = x0.shape[:2]
         t = torch.randint(0, self.num_timesteps, (B,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
@@ -703,8 +705,8 @@ class Diffusion:
             losses["vb"] = self.vb(eps, out[:, C:], x0.to(out.dtype), xt.to(out.dtype), t)
             loss = loss + losses["vb"]
         if aux:
-            losses.update(moe_losses(aux, target))
-            loss = loss + rsl_weight * losses["rsl"] + balance_weight * losses["balance"]
+            losses.update(moe_losses(aux, target, balance=balance_weight > 0))
+            loss = loss + rsl_weight * losses["rsl"] + balance_weight * losses.get("balance", 0)
             loss = loss + plr_weight * losses["plr"] if "plr" in losses else loss
         losses["loss"] = loss
         return losses, aux

@@ -38,7 +38,7 @@ def parse_args(argv=None):
       help="a train.py checkpoint, or a reference DiT state_dict with --model")
     a("--model", help="for a reference DiT state_dict: its size, e.g. XL/2")
     a("--online", action="store_true", help="the online weights instead of the EMA")
-    a("--inference-routing", default="threshold", choices=["threshold", "topk"],
+    a("--select-by", default="threshold", choices=["threshold", "topk"],
       help="threshold: the calibrated per-layer threshold (S4); topk: batch top-K, for comparison")
     a("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     a("--steps", type=STEPS, default=250)
@@ -83,7 +83,7 @@ def training_batch_map(path, model, diffusion, autocast, ckpt, n, timesteps, vae
     images = to_uint8(torch.cat([vae.decode(xb / LATENT_SCALE).sample for xb in x0.split(bs)])
                       if ds.latent else x0)
     routing_map(images, maps.float().cpu().numpy(), y.cpu().numpy(), timesteps, path,
-                f"experts per token on {len(y)} training images ({args.inference_routing} routing)")
+                f"experts per token on {len(y)} training images (select by {args.select_by})")
     print(f"wrote {path}")
 
 
@@ -119,8 +119,10 @@ def run(args, grid_max=256):
     latent, digest = ckpt["args"]["data"] == "latents", weights_digest(model)
     model.to(device)
     cfg = model.cfg
-    R.set_inference_routing(model, args.inference_routing)
+    R.set_select_by(model, args.select_by)
     require(not args.routing_map or cfg.routing != "dense", "--routing-map needs an MoE model")
+    require(args.cfg_scale == 1 or cfg.class_dropout_prob > 0,
+            "--cfg-scale needs a model trained with label dropout (a null class); use 1")
     autocast = autocast_for(args.precision, device)
     labels = choose_labels(args, cfg.num_classes)
     vae = None
@@ -140,7 +142,7 @@ def run(args, grid_max=256):
     # --npz: each batch is saved as a part file; a rerun resumes only if the weights (by content),
     # the labels and every setting that changes an image are the same.
     parts = Path(args.npz + ".parts") if args.npz else None
-    meta = dict(weights_sha256=digest, online=args.online, inference_routing=args.inference_routing,
+    meta = dict(weights_sha256=digest, online=args.online, select_by=args.select_by,
                 precision="bf16" if use_bf16(args.precision, device) else "fp32",
                 sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
                 diffusion=[cfg.schedule, cfg.prediction],
@@ -219,7 +221,7 @@ def run(args, grid_max=256):
         routing_map(images, maps.float().cpu().numpy(),
                     torch.cat([y for _, y in mapped]).numpy(), ts,
                     args.routing_map, f"experts per token on {len(images)} samples "
-                    f"({args.inference_routing} routing, {args.sampler} {args.steps} steps, "
+                    f"(select by {args.select_by}, {args.sampler} {args.steps} steps, "
                     f"guidance {args.cfg_scale})")
         print(f"wrote {args.routing_map}")
         training_batch_map(Path(args.routing_map).with_name(Path(args.routing_map).stem
@@ -227,10 +229,10 @@ def run(args, grid_max=256):
                            model, diffusion, autocast, ckpt, len(images), ts, vae, args)
     if stats.sums:
         result = stats.result()
-        print(f"mean experts per token ({args.inference_routing} routing): {result['overall']:.3f} "
+        print(f"mean experts per token (select by {args.select_by}): {result['overall']:.3f} "
               f"(k = {cfg.top_k})")
         if args.experts_by_timestep:
-            record = dict(routing=args.inference_routing, k=cfg.top_k, **result)
+            record = dict(select_by=args.select_by, k=cfg.top_k, **result)
             atomic_write(Path(args.experts_by_timestep),
                          lambda tmp: tmp.write_text(json.dumps(record)))
             experts_chart(result, Path(args.experts_by_timestep).with_suffix(".png"), cfg.top_k)

@@ -1,5 +1,6 @@
 """Tests for race_dit.py (model, routing, losses, diffusion). CPU only, no network."""
 import copy
+import itertools
 import dataclasses
 import math
 
@@ -222,38 +223,53 @@ def test_routing_is_decided_in_fp32_under_bf16_autocast():
     assert torch.equal(layer_aux["mask"], race)                           # no tied bin swept in
 
 
-def naive_moe(layer, x, mask):
-    """Every expert on every token, masked: sum_e mask * score * Expert_e(x)."""
-    s = layer.gating_fn(layer.scorer(layer.router(x)))                        # (B, L, E)
-    y = torch.zeros_like(x)
-    for e in range(layer.E):
-        expert = F.gelu(x @ layer.w1[e], approximate="tanh") @ layer.w2[e]
-        y = y + (mask[..., e] * s[..., e]).unsqueeze(-1) * expert
-    return y
+def reference_moe(layer, x):
+    """The MoE from its weights alone, every step written out here: router, scores, gating, the
+    selection of each routing, then every expert on every token, masked: sum_e mask * score *
+    Expert_e(x). Returns (y, mask)."""
+    B, L, _ = x.shape
+    E, k, router = layer.E, layer.k, layer.router[0]
+    h = F.gelu(x @ router.weight.T + router.bias, approximate="tanh")
+    logits = h @ layer.scorer.weight.T + layer.scorer.bias                    # (B, L, E)
+    s = dict(identity=logits, softmax=logits.softmax(-1), sigmoid=logits.sigmoid())[layer.gating]
+    mask = torch.zeros(B, L, E, dtype=torch.bool)
+    if layer.routing == "race" and (layer.training or layer.select_by == "topk"):
+        mask = s >= s.flatten().sort(descending=True).values[B * L * k - 1]  # the K best pairs
+    elif layer.routing == "race":
+        mask = s >= layer.threshold
+    elif layer.routing == "token":
+        for b, i in itertools.product(range(B), range(L)):
+            mask[b, i, s[b, i].argsort(descending=True)[:k]] = True
+    else:                                   # expert-choice: each expert's k*L/E best of each image
+        for b, e in itertools.product(range(B), range(E)):
+            mask[b, s[b, :, e].argsort(descending=True)[:k * L // E], e] = True
+    y = sum((mask[..., e] * s[..., e]).unsqueeze(-1)
+            * (F.gelu(x @ layer.w1[e], approximate="tanh") @ layer.w2[e]) for e in range(E))
+    return y, mask
 
 
 @pytest.mark.parametrize("routing", ["race", "token", "expert"])
 @pytest.mark.parametrize("gating", R.GATINGS)
 @pytest.mark.parametrize("training", [True, False])
-def test_dispatch_equals_naive_reference_forward_and_gradients(routing, gating, training):
+def test_dispatch_equals_an_independent_reference_forward_and_gradients(routing, gating, training,
+                                                                      monkeypatch):
+    """fp32 on CPU, through the grouped GEMM and through the loop over experts."""
     cfg = tiny(routing, "2in8", gating=gating)
     torch.manual_seed(1)
-    layer = R.MoE(cfg).double().train(training)
+    layer = R.MoE(cfg).train(training)
     layer.threshold.fill_(0.0 if gating == "identity" else 0.2)
-    ref = copy.deepcopy(layer)
-    x = torch.randn(3, 16, 32, dtype=torch.float64, requires_grad=True)
-    xr = x.detach().clone().requires_grad_()
-    out, layer_aux = layer(x)
-    want = naive_moe(ref, xr, layer_aux["mask"])
-    torch.testing.assert_close(out, want)
-    g = torch.randn_like(out)
-    (out * g).sum().backward()
-    (want * g).sum().backward()
-    torch.testing.assert_close(x.grad, xr.grad)
-    for (n, p), pr in zip(layer.named_parameters(), ref.parameters()):
-        if n.startswith("plr_head"):
-            continue                                               # PLR head: not on the MoE output
-        torch.testing.assert_close(p.grad, pr.grad, msg=n)
+    x = torch.randn(3, 16, 32, requires_grad=True)
+    want, want_mask = reference_moe(layer, x)
+    g = torch.randn_like(want)
+    params = [p for n, p in layer.named_parameters() if not n.startswith("plr_head")]
+    ref_grads = torch.autograd.grad((want * g).sum(), [x, *params])
+    for grouped in (True, False):
+        monkeypatch.setattr(R, "use_grouped_mm", lambda *a, grouped=grouped: grouped)
+        out, layer_aux = layer(x)
+        assert torch.equal(layer_aux["mask"], want_mask)
+        torch.testing.assert_close(out, want)
+        for got, ref in zip(torch.autograd.grad((out * g).sum(), [x, *params]), ref_grads):
+            torch.testing.assert_close(got, ref)
 
 
 class DtypesOf(TorchFunctionMode):
@@ -408,7 +424,7 @@ def test_eval_threshold_routing_is_batch_invariant_and_topk_is_not():
     cat = torch.cat([xa, xb]), torch.cat([ta, tb]), torch.cat([ya, yb])
     with torch.no_grad():
         torch.testing.assert_close(model(*cat)[:3], model(xa, ta, ya), rtol=1e-5, atol=1e-6)
-        R.set_inference_routing(model, "topk")
+        R.set_select_by(model, "topk")
         assert not torch.allclose(model(*cat)[:3], model(xa, ta, ya), rtol=1e-5, atol=1e-6)
 
 
@@ -449,7 +465,7 @@ def test_threshold_activates_about_k_experts_and_calibration_restores_a_perturbe
     assert abs(mean_experts_per_token(other, diffusion, x0, y, seed=5) - k) > 0.15 * k
     R.calibrate_thresholds(other, diffusion, [(x0.repeat(4, 1, 1, 1), y.repeat(4))] * 8)
     assert abs(mean_experts_per_token(other, diffusion, x0, y, seed=5) - k) < 0.15 * k
-    assert not other.training and other.moe_layers()[0].use_threshold     # mode restored
+    assert not other.training and other.moe_layers()[0].select_by == "threshold"     # mode restored
 
 
 # --------------------------------------------------------------------------------------------------
@@ -523,6 +539,24 @@ def test_routing_stats_on_a_known_mask():
 
 # --------------------------------------------------------------------------------------------------
 # Diffusion (S7)
+
+def test_guidance_refuses_a_model_without_a_null_class():
+    model = R.RaceDiT(tiny("race", "2in8", class_dropout_prob=0.0)).eval()   # no null class row
+    x, t, y = batch(model.cfg)
+    with pytest.raises(ValueError, match="trained with label dropout"):
+        R.guided_forward(model, x, t, y, 2.0)
+
+
+def test_the_balance_loss_is_computed_only_where_it_is_weighted():
+    model = R.RaceDiT(tiny("token", "2in8"))
+    x, t, y = batch(model.cfg)
+    plain, _ = R.Diffusion().training_losses(model, x, y, t=t)
+    torch.manual_seed(0)
+    weighted, _ = R.Diffusion().training_losses(model, x, y, balance_weight=0.5, t=t)
+    assert "balance" not in plain and weighted["balance"] > 0
+    torch.testing.assert_close(weighted["loss"], weighted["mse"] + 0.1 * weighted["plr"]
+                               + 0.01 * weighted["rsl"] + 0.5 * weighted["balance"])
+
 
 def test_guidance_scale_one_equals_conditional_prediction():
     cfg = tiny("race", "2in8", learn_sigma=True)

@@ -307,14 +307,15 @@ def log_record(step, n, sums, aux, t, seconds, model, opt, args, rank, world, de
         vals /= world
     vals = dict(zip(names, vals.tolist()))
     rate, mem = n / seconds, peak_memory_gib(device)
-    eta = int((args.steps - step) / rate)
+    eta, images = int((args.steps - step) / rate), rate * args.batch_size * args.grad_accum * world
     if rank == 0:
         print(f"step {step}/{args.steps} | " + " ".join(f"{k} {vals[k]:.4f}" for k in names)
-              + f" | {rate:.2f} steps/s {rate * args.batch_size * world:.0f} img/s"
+              + f" | {rate:.2f} steps/s {images:.0f} img/s"
               + f" | peak mem {mem:.2f} GiB"
               + f" | eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s",
               flush=True)
-    record = dict(step=step, **vals, lr=opt.param_groups[0]["lr"], steps_per_s=rate, mem_gib=mem)
+    record = dict(step=step, **vals, lr=opt.param_groups[0]["lr"], steps_per_s=rate,
+                  images_per_s=images, mem_gib=mem)
     if aux:
         stats = routing_stats(aux, t)
         record.update({k: v for k, v in stats.items() if k != "layers"},

@@ -11,9 +11,9 @@ What a Race-DiT step costs next to a dense DiT with the same activated parameter
 All models are built in one process and measured alternately (round-robin), after warm-up, so that
 clock or thermal drift hits every model alike. Times are medians over rounds. Training step =
 forward + backward + AdamW step with the full loss (PLR, RSL); inference = one forward in eval mode
-with the calibrated threshold routing. Memory: peak allocated on CUDA; on CPU the bytes of the
-distinct tensors saved for backward (the activation memory), since CPU allocations are not tracked
-per model. --memory counts train.py's training step on FakeTensors instead (step_memory): every
+selecting by the threshold (S4). Memory: peak allocated on CUDA; on CPU the bytes of the distinct
+tensors saved for backward (the activation memory), since CPU allocations are not tracked per
+model. --memory counts train.py's training step on FakeTensors instead (step_memory): every
 tensor a bf16 step creates and frees, exactly, without allocating any.
 """
 import contextlib

@@ -128,7 +128,7 @@ def within_cell_slope(experts, fraction, cells):
 @torch.no_grad()
 def experts_by_object(model, test, timesteps=(100, 300, 500, 700, 900), n=500):
     """The paper's claim that the race gives experts to critical tokens, at this scale: experts per
-    token (mean over layers, the model's inference routing) against the fraction of the token's
+    token (mean over layers, selected by the threshold) against the fraction of the token's
     patch the object covers (exact masks of the built-in shapes), within each (position,
     timestep) cell, so that neither where a patch sits nor the noise level can make the slope."""
     p, d, n = model.cfg.patch_size, R.Diffusion.of(model.cfg), min(n, len(test.y))
@@ -145,9 +145,9 @@ def experts_by_object(model, test, timesteps=(100, 300, 500, 700, 900), n=500):
 
 
 @torch.no_grad()
-def score(ckpt_path, inference_routing, test, evaluator, args):
+def score(ckpt_path, select_by, test, evaluator, args):
     model, ckpt = load_model(ckpt_path)
-    R.set_inference_routing(model, inference_routing)
+    R.set_select_by(model, select_by)
     d = R.Diffusion.of(model.cfg)
     g = torch.Generator().manual_seed(1234)                           # the same noise for every run
     x = torch.from_numpy(np.array(test.x)).float() / 127.5 - 1
@@ -168,7 +168,7 @@ def score(ckpt_path, inference_routing, test, evaluator, args):
     records = [json.loads(line) for line in open(Path(ckpt_path).parent / "metrics.jsonl")]
     out = dict(heldout_mse=mse.mean().item(), steps=ckpt["step"], sample_steps=args.sample_steps,
                heldout_mse_by_t=[mse[bins == b].mean().item() for b in range(MSE_BINS)],
-               inference_routing=inference_routing,
+               select_by=select_by,
                curve=[(r["step"], r["mse"]) for r in records],
                **evaluator.score(images, labels.numpy()),
                contributions=block_contributions(model, x[:256], y[:256], d))
@@ -353,7 +353,7 @@ def main(argv=None):
     names = args.methods.split(",")
     for seed in range(args.seeds):         # seed by seed: an interrupted table stays paired
         for name in names:
-            flags, inference_routing, shared = METHODS[name]
+            flags, select_by, shared = METHODS[name]
             key, began = f"{name} / seed {seed}", time.time()
             run = runs / f"{(shared or name).replace(' ', '_')}_seed{seed}"
             every = dict(log=max(args.steps // 50, 1), save=max(args.steps // 2, 1))
@@ -373,7 +373,7 @@ def main(argv=None):
             if ckpt is None or ckpt["step"] < args.steps:
                 train.main(argv + (["--resume"] if ckpt is not None else []))
             del ckpt
-            results[key], grid = score(run / "ckpt.pt", inference_routing, test, evaluator, args)
+            results[key], grid = score(run / "ckpt.pt", select_by, test, evaluator, args)
             results[key]["recipe"] = recipe
             results[key]["seconds"] = time.time() - began        # training (unless shared) + score
             if seed == 0:

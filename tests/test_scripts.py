@@ -222,6 +222,8 @@ def test_accumulated_race_runs_one_race_per_micro_batch(tmp_path, extra):
     ckpt = runs.load_checkpoint(tmp_path / "ckpt.pt")
     updates = [v for k, v in ckpt["model"].items() if k.endswith("threshold_updates")]
     assert len(updates) == 6 and all(u == 4 * 2 for u in updates)         # 4 steps x 2 races each
+    for r in map(json.loads, open(tmp_path / "metrics.jsonl")):            # images: 8 x 2 a step
+        assert r["images_per_s"] == pytest.approx(r["steps_per_s"] * 8 * 2)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -727,11 +729,11 @@ def test_experts_by_timestep_json_and_chart(ckpt, tmp_path, capsys):
     assert Image.open(tmp_path / "r.png").size == (720, 420)
     assert Image.open(tmp_path / "g.png").size == (8 * 50 + 2, 50 + 2)
     out = capsys.readouterr().out
-    assert f"mean experts per token (threshold routing): {stats['overall']:.3f}" in out
+    assert f"mean experts per token (select by threshold): {stats['overall']:.3f}" in out
 
 
 def test_topk_routing_uses_exactly_k_experts_per_token(ckpt, tmp_path):
-    run_sample(ckpt, "--inference-routing", "topk",
+    run_sample(ckpt, "--select-by", "topk",
                "--experts-by-timestep", str(tmp_path / "r.json"), "--out", "")
     assert json.loads((tmp_path / "r.json").read_text())["mean"] == [pytest.approx(2.0)] * 4
 
@@ -744,7 +746,7 @@ def test_routing_map_pictures_the_samples_and_a_training_batch(ckpt, tmp_path, m
     monkeypatch.setattr(sample, "routing_map", record)
     # Batch top-K without guidance: one race over the 8 images picks exactly k = 2 experts per
     # token on average, at every sampling step and on the training batch alike.
-    run_sample(ckpt, "--labels", "0,9", "--inference-routing", "topk", "--cfg-scale", "1",
+    run_sample(ckpt, "--labels", "0,9", "--select-by", "topk", "--cfg-scale", "1",
                "--routing-map", str(tmp_path / "m.png"), "--out", "")
     (images, maps, labels, ts), (train_images, train_maps, train_labels, train_ts) = drawn
     assert ts == train_ts == [999, 666, 333, 0] and images.shape == (8, 16, 16, 3)
@@ -789,8 +791,8 @@ def test_a_checkpoint_of_the_earlier_format_is_named_as_such(tmp_path, capsys, c
 
 
 def test_a_flag_is_never_taken_for_a_prefix_of_another(ckpt, capsys, tmp_path):
-    """--routing was the old name of --inference-routing; it must fail, not write a file named
-    topk."""
+    """--routing, an old flag's name, is a prefix of --routing-map; it must fail, not write a file
+    named topk."""
     expect_error(capsys, sample.main, ["--ckpt", ckpt, "--routing", "topk"],
                  "unrecognized arguments")
     argv = [*FAST, "--steps", "1", "--out", str(tmp_path), "--expert", "2in8"]
@@ -1177,12 +1179,16 @@ def test_gpu_check_largest_batch_stops_at_either_form_of_out_of_memory(tmp_path,
                 gpu_check.largest_batch("XS/8", "2in8", 8, cpu, tmp_path, False, 4096)
 
 
-def test_the_torch_floor_is_the_first_release_with_every_api_the_code_calls():
-    """F.grouped_mm is public from torch 2.10 (torch._grouped_mm before): the floor says so
-    everywhere."""
-    floors = [re.search(r"torch>=([0-9.]+)", (ROOT / f).read_text()).group(1)
-              for f in ("requirements.txt", ".ci/run")]
-    assert floors == ["2.10", "2.10"] and "torch 2.10" in (ROOT / "README.md").read_text()
+def test_a_torch_without_the_floors_api_fails_at_import_naming_the_floor():
+    """F.grouped_mm is public from torch 2.10 (torch._grouped_mm before): on a torch without it,
+    importing the model fails at once with the floor that requirements.txt and CI install."""
+    floor = re.search(r"torch>=([0-9.]+)", (ROOT / "requirements.txt").read_text()).group(1)
+    assert re.search(r"torch>=([0-9.]+)", (ROOT / ".ci" / "run").read_text()).group(1) == floor
+    code = "import torch.nn.functional as F; del F.grouped_mm; import race_dit"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and last.startswith("ImportError: race_dit needs torch >= " + floor)
 
 
 def test_soak_reports_flat_memory_and_no_ema_graph(capsys):
