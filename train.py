@@ -2,14 +2,11 @@
 Train Race-DiT (or a dense / token-choice / expert-choice baseline) on one device or with torchrun.
 
     python train.py                      # built-in shapes, a few minutes on a laptop CPU
-    python train.py --data cifar10 --model S/2 --experts 2in8 --batch-size 128 --steps 100000
-    torchrun --nproc_per_node 8 train.py --data latents --data-dir latents --model XL/2 \\
-        --experts 4in32 --lr 1e-4 --warmup 0 --batch-size 128 --recompute --ema-decay 0.9999 \\
-        --steps 1700000
+    python train.py --data fashion-mnist --steps 4000
+    torchrun --nproc_per_node 8 train.py --data latents --model XL/2 --experts 4in32 ...
 
 The defaults are a small-scale recipe for CPU runs; README.md gives the paper's (DiT's) settings.
-Read top to bottom: flags and their checks, the training step, saving / sampling / logging, and
-train(), whose loop is one linear sequence of steps.
+Top to bottom: flags, the training step, saving / sampling / logging, train()'s linear loop.
 """
 import contextlib
 import copy
@@ -18,7 +15,6 @@ import datetime
 import json
 import math
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -31,8 +27,9 @@ from support.data import LATENT_SCALE, BatchOrder, load_data, load_vae, to_model
 from support.evaluator import SUPPORTED as EVALUATED, Evaluator
 from support.pictures import plot_losses, save_grid
 from support.runs import (AT_LEAST_ZERO, DECAY, POSITIVE, POSITIVE_NUMBER, SEED, STEPS, WEIGHT,
-                          Diverged, Parser, UserError, autocast_for, keep_metrics, load_checkpoint,
-                          locked, require, run_main, save_checkpoint)
+                          WRITE_RATE, Diverged, Parser, UserError, autocast_for, check_resume,
+                          checkpoint_bytes, keep_metrics, load_checkpoint, locked, peak_memory_gib,
+                          require, restore, run_main, save_checkpoint)
 from support.routing import routing_stats
 
 
@@ -48,14 +45,12 @@ def parse_args(argv=None, prog="train.py"):
     a("--experts", default="2in8", help="k in E, e.g. 4in32")
     a("--routing", default="race", choices=R.ROUTINGS)
     a("--gating", default="identity", choices=R.GATINGS)
-    a("--granularity", type=AT_LEAST_ZERO, default=0,
-      help="experts per MLP width: expert width = 4D / granularity (default k)")
+    a("--granularity", type=AT_LEAST_ZERO, default=0, help="expert width = 4D / this (0: k)")
     a("--learn-sigma", default="auto", choices=["auto", "on", "off"],
       help="learned variance with DiT's hybrid loss; auto: on for latents, as DiT")
     a("--plr-weight", type=WEIGHT, default=0.1, help="per-layer regularization (S5)")
     a("--rsl-weight", type=WEIGHT, default=0.01, help="router similarity loss (S6)")
-    a("--balance-weight", type=WEIGHT, default=0.0,
-      help="switch balance loss (token-choice baseline)")
+    a("--balance-weight", type=WEIGHT, default=0.0, help="switch balance loss (token-choice)")
     a("--threshold-decay", type=DECAY, default=0.99, help="EMA of the race cutoff (S4)")
     a("--schedule", default="cosine", choices=R.SCHEDULES,
       help="noise schedule: cosine (IDDPM) or linear (paper / DiT)")
@@ -65,31 +60,24 @@ def parse_args(argv=None, prog="train.py"):
     a("--prediction", default="v", choices=R.PREDICTIONS,
       help="what the model predicts: v = sqrt(ab) eps - sqrt(1 - ab) x0, or eps (paper / DiT)")
     a("--lr", type=POSITIVE_NUMBER, default=2e-3, help="peak learning rate (paper: 1e-4)")
-    a("--warmup", type=AT_LEAST_ZERO, default=100,
-      help="linear learning-rate warm-up steps (paper: 0)")
+    a("--warmup", type=AT_LEAST_ZERO, default=100, help="linear warm-up steps (paper: 0)")
     a("--lr-schedule", default="constant", choices=["constant", "cosine"],
       help="after the warm-up: constant (DiT) or a cosine decay to 0 at --steps")
-    a("--batch-size", type=POSITIVE, default=64,
-      help="per process and micro-batch (paper: 256 or 1024 in all)")
+    a("--batch-size", type=POSITIVE, default=64, help="per process and micro-batch (paper: 256)")
     a("--grad-accum", type=POSITIVE, default=1, help="micro-batches per optimizer step")
-    a("--recompute", action="store_true",
-      help="activation recomputation: backward recomputes each block "
-           "(~1/3 more compute, far less memory)")
+    a("--recompute", action="store_true", help="recompute each block in backward: less memory")
     a("--steps", type=POSITIVE, default=1600)
     a("--ema-decay", type=DECAY, default=0.999, help="weight EMA (paper: 0.9999)")
     a("--seed", type=SEED, default=0)
     a("--out", default="runs/default")
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-      help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
     a("--compile", action="store_true", help="torch.compile the model (for GPUs; no gain on a CPU)")
-    a("--workers", type=AT_LEAST_ZERO, default=0,
-      help="data loader workers (image folders, latents)")
+    a("--workers", type=AT_LEAST_ZERO, default=0, help="data loader workers")
     a("--log-every", type=POSITIVE, default=50)
     a("--save-every", type=POSITIVE,
       help="steps between checkpoints (default 400; latents: 5000, their checkpoints are GBs)")
-    a("--sample-every", type=AT_LEAST_ZERO, default=800,
-      help="sample grid (and evaluation) every N steps; 0: none")
+    a("--sample-every", type=AT_LEAST_ZERO, default=800, help="grid (and scores); 0: none")
     a("--sample-steps", type=STEPS, default=50, help="sampling steps for grids")
     a("--grid-per-class", type=POSITIVE, default=20, help="samples per class row of the grid")
     a("--cfg-scale", type=WEIGHT, default=2.0)
@@ -108,31 +96,16 @@ def model_config(args, ds):
     shape = x.shape[1:] if ds.latent else x.shape                          # (C, H, W)
     require(shape[1] == shape[2], f"images must be square, got {tuple(shape)}")
     learn_sigma = {"on": True, "off": False, "auto": ds.latent}[args.learn_sigma]
+    same = ("routing", "gating", "granularity", "threshold_decay", "schedule", "loss_weight",
+            "min_snr_gamma", "prediction")                          # flags named as Config fields
     try:
         return R.make_config(args.model, None if args.routing == "dense" else args.experts,
-                             routing=args.routing, gating=args.gating, granularity=args.granularity,
-                             threshold_decay=args.threshold_decay, input_size=shape[-1],
-                             schedule=args.schedule, loss_weight=args.loss_weight,
-                             min_snr_gamma=args.min_snr_gamma, prediction=args.prediction,
-                             learn_sigma=learn_sigma, num_classes=ds.num_classes,
-                             in_channels=shape[0] // 2 if ds.latent else shape[0])
+                             input_size=shape[-1], learn_sigma=learn_sigma,
+                             num_classes=ds.num_classes,
+                             in_channels=shape[0] // 2 if ds.latent else shape[0],
+                             **{k: getattr(args, k) for k in same})
     except ValueError as e:
         raise UserError(e) from None
-
-
-def check_resume(ckpt, cfg, args, world):
-    """What defines the run must match the checkpoint; lr, loss weights, --steps and logging may
-    change."""
-    saved = dataclasses.asdict(R.Config(**ckpt["config"]))  # fields it lacks: their defaults
-    diff = [f"{k}={v} in the checkpoint, {getattr(cfg, k)} now" for k, v in saved.items()
-            if getattr(cfg, k) != v]
-    diff += [f"{k}={ckpt['args'].get(k)} in the checkpoint, {getattr(args, k)} now"
-             for k in ("data", "image_size", "batch_size", "grad_accum", "seed")
-             if ckpt["args"].get(k) != getattr(args, k)]
-    if len(ckpt["rng"]) != world:
-        diff.append(f"{len(ckpt['rng'])} processes in the checkpoint, {world} now")
-    require(not diff, f"{Path(args.out) / 'ckpt.pt'} is from another configuration: "
-                      f"{'; '.join(diff)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,18 +122,6 @@ def build(cfg, args, device):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
                             fused=device.type == "cuda")
     return model, ema, opt
-
-
-WRITE_RATE = 50e6  # bytes/s: a slow network disk
-
-
-def checkpoint_bytes(cfg):
-    """The tensor bytes of this configuration's checkpoint, computed on meta: model and EMA state,
-    and AdamW's two moments and step count for every trained parameter."""
-    with torch.device("meta"):
-        model = R.RaceDiT(cfg)
-    state = sum(t.nbytes for t in model.state_dict().values())
-    return 2 * state + sum(2 * p.nbytes + 4 for p in model.parameters() if p.requires_grad)
 
 
 def device_batches(raw, ds, device, num_timesteps):
@@ -240,21 +201,18 @@ def train_step(net, model, ema, opt, diffusion, micro, step, args, autocast):
 # --------------------------------------------------------------------------------------------------
 # Saving, sampling, logging
 
-def calibration_batches(ds, batch_size, device):
-    """The first examples of the data set (up to 4 batches, none empty), for the EMA's
-    thresholds."""
+def calibrate_ema(ema, diffusion, ds, batch_size, seed, autocast, device):
+    """S4: the EMA's thresholds from its own cutoffs on the data set's first examples (up to 4
+    batches), on a forked RNG stream, so that saving or sampling never changes the run's random
+    numbers."""
     n = min(len(ds), 4 * batch_size)
     x = torch.stack([ds[i][0] for i in range(n)]).to(device)
     y = torch.tensor([ds[i][1] for i in range(n)], device=device)
-    return list(zip(x.split(batch_size), y.split(batch_size)))
-
-
-def calibrate_ema(ema, diffusion, calib, ds, seed, autocast, device):
-    """S4: the EMA's thresholds from its own cutoffs on training-like batches, on a forked RNG
-    stream, so that saving or sampling never changes the run's random numbers."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
         torch.manual_seed(seed)
-        R.calibrate_thresholds(ema, diffusion, [(to_model_input(x, ds), y) for x, y in calib])
+        batches = [(to_model_input(xb, ds), yb) for xb, yb in zip(x.split(batch_size),
+                                                                   y.split(batch_size))]
+        R.calibrate_thresholds(ema, diffusion, batches)
 
 
 def save(path, step, model, ema, opt, cfg, args, losses, rank, world, device):
@@ -287,13 +245,6 @@ def sample_grid(ema, diffusion, path, args, ds, vae, evaluator, autocast, device
     images = to_uint8(vae.decode(x.float() / LATENT_SCALE).sample if ds.latent else x)
     save_grid(images, path, nrow=args.grid_per_class)
     return evaluator.score(images, y.cpu().numpy()) if evaluator is not None else {}
-
-
-def peak_memory_gib(device):
-    """Peak allocated CUDA memory, or the process's peak resident memory on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def log_record(step, n, sums, aux, t, seconds, model, opt, args, rank, world, device):
@@ -361,21 +312,10 @@ def train(args):
     # 2. Model, EMA copy, optimizer; an exact resume restores all three and every RNG stream.
     torch.manual_seed(args.seed * 1000 + rank)
     model, ema, opt = build(cfg, args, device)
-    start = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        for state in opt.state.values():  # host tensors are kept as given: views of the mapped file
-            state.update({k: v.clone() for k, v in state.items() if v.device.type == "cpu"})
-        start, rng = ckpt["step"], ckpt["rng"][rank]
-        torch.set_rng_state(rng["cpu"])
-        if cuda and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        if rank == 0:
-            print(f"resumed {ckpt_path} at step {start}")
-        del ckpt, rng  # copied: unmap the file, whose blocks would stay on disk once it is replaced
+    start = restore(ckpt, model, ema, opt, rank, device) if ckpt is not None else 0
+    del ckpt  # copied: unmap the file, whose blocks would stay on disk once it is replaced
     if rank == 0:
+        print(f"resumed {ckpt_path} at step {start}" if start else "", end="\n" if start else "")
         keep_metrics(metrics, start)
         total, active = R.count_params(model)
         print(f"{args.model} {cfg.routing} {'' if cfg.routing == 'dense' else args.experts} "
@@ -395,7 +335,6 @@ def train(args):
     order = BatchOrder(len(ds), args.batch_size, args.seed, start, rank, world, args.grad_accum)
     loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=args.workers,
                                               generator=torch.Generator(), pin_memory=cuda))
-    calib = calibration_batches(ds, args.batch_size, device)
 
     # 4. The loop.
     sums, n, tick, started = {}, 0, time.time(), time.time()
@@ -422,7 +361,7 @@ def train(args):
 
         # 4c. Save, then sample: a sampling failure never costs the training.
         if saving or sampling:
-            calibrate_ema(ema, diffusion, calib, ds, args.seed + done, autocast, device)
+            calibrate_ema(ema, diffusion, ds, args.batch_size, args.seed + done, autocast, device)
             save(ckpt_path, done, model, ema, opt, cfg, args, sums, rank, world, device)
         if sampling and rank == 0:
             tock = time.time()

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
 import train  # noqa: E402
 from support.routing import routing_stats  # noqa: E402
-from support.runs import Parser, atomic_write, autocast_for, use_bf16  # noqa: E402
+from support.runs import (Parser, atomic_write, autocast_for, checkpoint_bytes,  # noqa: E402
+                          use_bf16)
 
 DEFAULT = "S/2:dense,S/2:race:2in8,S/2:race:4in16,S/2:race:8in32,S/2:token:2in8,S/2:expert:2in8"
 
@@ -130,7 +131,7 @@ def memory(specs, args, gpus=(80, 141), batches=(256, 1024), limit=2**14):
     """GPU training memory of train.py's step in bf16, counted exactly on FakeTensors (step_memory)
     on any machine: the bytes alive between steps, the peak at each of `batches` with and without
     --recompute, the largest power-of-two micro-batch up to `limit` whose peak is within 90% of
-    each GPU, and the checkpoint's size (train.checkpoint_bytes)."""
+    each GPU, and the checkpoint's size (runs.checkpoint_bytes)."""
     print(f"bf16 training memory of train.py's step (learned sigma, "
           f"{args.channels}x{args.image_size}x{args.image_size}), tensor bytes counted on "
           f"FakeTensors; 'recomp': with --recompute")
@@ -157,7 +158,7 @@ def memory(specs, args, gpus=(80, 141), batches=(256, 1024), limit=2**14):
                 b *= 2
             largest.update({(g, c): fits[g] for g in gpus})
         gib = lambda n: n / 2**30
-        ckpt = train.checkpoint_bytes(config(spec, args, learn_sigma=True))
+        ckpt = checkpoint_bytes(config(spec, args, learn_sigma=True))
         row = dict(model=spec, params=params, checkpoint_gib=gib(ckpt), state_gib=gib(state),
                    peak_gib={f"{b}{'_recompute' if c else ''}": gib(v)
                              for (b, c), v in peak.items()},

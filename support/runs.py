@@ -1,16 +1,19 @@
 """
 What keeps a run's files safe and its failures short, for every script: errors that end a script as
-one line on stderr, the argument parser, atomic writes, the run-folder lock, the checkpoint file and
-the model it holds, and the precision of --precision (train.py, sample.py, bench.py).
+one line on stderr, the argument parser, atomic writes, the run-folder lock, the checkpoint file
+(its size, what a resume must match) and the model it holds, the precision of --precision, and
+peak memory (train.py, sample.py, the benchmarks).
 """
 import argparse
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
 import math
 import os
 import re
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -180,6 +183,49 @@ def load_checkpoint(path):
     return ckpt
 
 
+def check_resume(ckpt, cfg, args, world):
+    """What defines the run must match the checkpoint; lr, loss weights, --steps and logging may
+    change."""
+    saved = dataclasses.asdict(R.Config(**ckpt["config"]))  # fields it lacks: their defaults
+    diff = [f"{k}={v} in the checkpoint, {getattr(cfg, k)} now" for k, v in saved.items()
+            if getattr(cfg, k) != v]
+    diff += [f"{k}={ckpt['args'].get(k)} in the checkpoint, {getattr(args, k)} now"
+             for k in ("data", "image_size", "batch_size", "grad_accum", "seed")
+             if ckpt["args"].get(k) != getattr(args, k)]
+    if len(ckpt["rng"]) != world:
+        diff.append(f"{len(ckpt['rng'])} processes in the checkpoint, {world} now")
+    require(not diff, f"{Path(args.out) / 'ckpt.pt'} is from another configuration: "
+                      f"{'; '.join(diff)}")
+
+
+def restore(ckpt, model, ema, opt, rank, device):
+    """An exact resume: the model, its EMA copy, AdamW and this process's RNG streams from a
+    train.py checkpoint; returns its step. AdamW's host tensors (its step counts) are copied:
+    load_state_dict keeps them as given, views of the mapped file."""
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    for state in opt.state.values():
+        state.update({k: v.clone() for k, v in state.items() if v.device.type == "cpu"})
+    rng = ckpt["rng"][rank]
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return ckpt["step"]
+
+
+WRITE_RATE = 50e6  # bytes/s: a slow network disk
+
+
+def checkpoint_bytes(cfg):
+    """The tensor bytes of this configuration's checkpoint, computed on meta: model and EMA state,
+    and AdamW's two moments and step count for every trained parameter."""
+    with torch.device("meta"):
+        model = R.RaceDiT(cfg)
+    state = sum(t.nbytes for t in model.state_dict().values())
+    return 2 * state + sum(2 * p.nbytes + 4 for p in model.parameters() if p.requires_grad)
+
+
 def load_model(path, online=False, size=None):
     """(model in eval mode, checkpoint) from a train.py checkpoint (the EMA weights unless online),
     or from a bare reference DiT state_dict (e.g. DiT-XL-2-256x256.pt) given its size, e.g.
@@ -232,3 +278,10 @@ def keep_metrics(path, upto):
         except (ValueError, KeyError, TypeError):
             pass
     atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
+
+
+def peak_memory_gib(device):
+    """Peak allocated CUDA memory, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -313,7 +313,7 @@ def test_checkpoint_bytes_are_the_bytes_of_the_tensors_a_checkpoint_holds(tmp_pa
     tensors = [*ckpt["model"].values(), *ckpt["ema"].values(),
                *(t for state in ckpt["opt"]["state"].values() for t in state.values())]
     held = sum(t.nbytes for t in tensors)
-    assert train.checkpoint_bytes(R.Config(**ckpt["config"])) == held
+    assert runs.checkpoint_bytes(R.Config(**ckpt["config"])) == held
     assert 0 < (tmp_path / "ckpt.pt").stat().st_size - held < 512 * len(tensors) + 2**16
     # latent checkpoints are GBs: saved every 5000 steps unless asked
     assert [train.parse_args(a).save_every for a in ([], ["--data", "latents"],
