@@ -34,6 +34,10 @@ class Diverged(Exception):
     """A non-finite loss or weight: one line on stderr and exit status 3."""
 
 
+class WriteFailed(Exception):
+    """A write the operating system refused (any OSError in atomic_write): one line, exit 2."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (exit 2), like every other error here, and which
     takes no abbreviations: a flag's old name must fail, not match a new one by its prefix."""
@@ -82,23 +86,27 @@ WRITE_FAILURES = {
                  "write to another file system or raise the limit"}
 
 
-def write_failure(e):
-    """What the disk refused, if e is, or was raised from or during, a write that failed for space
-    or size (None otherwise). torch.save reports one as a RuntimeError of its zip writer raised
-    while handling the OSError."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in WRITE_FAILURES:
-            return WRITE_FAILURES[e.errno]
+def os_error_in(e):
+    """The OSError that e is, or was raised from or while handling (torch.save reports one as a
+    RuntimeError of its zip writer raised while handling it); None if there is none."""
+    while e is not None and not isinstance(e, OSError):
         e = e.__cause__ or e.__context__
-    return None
+    return e
+
+
+def write_failure(e):
+    """What the disk refused, if e is, or came from, a write that failed for space or size (None
+    otherwise): the failures of any write, atomic_write's or an append."""
+    e = os_error_in(e)
+    return WRITE_FAILURES.get(e.errno) if e is not None else None
 
 
 def run_main(prog, fn):
-    """Run fn(); a UserError, Diverged or a write the disk refused becomes one line on stderr and a
-    non-zero exit."""
+    """Run fn(); a UserError, Diverged, WriteFailed or a write the disk refused becomes one line on
+    stderr and a non-zero exit."""
     try:
         return fn()
-    except (UserError, Diverged) as e:
+    except (UserError, Diverged, WriteFailed) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, Diverged) else 2)
     except Exception as e:
@@ -119,6 +127,12 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        error = os_error_in(e)
+        if error is None:
+            raise
+        why = WRITE_FAILURES.get(error.errno) or error.strerror or str(error)
+        raise WriteFailed(f"writing {path} failed: {why}; files written before are intact") from e
     finally:
         tmp.unlink(missing_ok=True)
 

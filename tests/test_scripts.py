@@ -2,6 +2,7 @@
 file helpers they share (support/), on tiny inputs the tests create. CPU only, no network."""
 import argparse
 import contextlib
+import errno
 import gzip
 import hashlib
 import json
@@ -433,6 +434,24 @@ def test_a_file_size_limit_during_torch_save_is_one_line_and_keeps_the_old_file(
     assert "file-size limit (ulimit -f)" in res.stderr and "files written before are intact" in \
         res.stderr
     assert (tmp_path / "ckpt.pt").read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("code,why", [(errno.EIO, "Input/output error"),
+                                      (errno.EROFS, "Read-only file system")])
+def test_any_os_error_while_writing_is_one_line_and_keeps_the_old_file(tmp_path, capsys, code,
+                                                                       why):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"old")
+
+    def refused(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError(code, os.strerror(code))
+    with pytest.raises(SystemExit) as e:
+        runs.run_main("train.py", lambda: runs.atomic_write(path, refused))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"train.py: error: writing {path} failed: {why}; files written before")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_three_images_and_batch_size_one_train_and_save(tmp_path):
