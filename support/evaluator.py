@@ -78,9 +78,9 @@ class Evaluator:
                  cache_dir=None, reference=2000):
         require(data in SUPPORTED, f"the evaluator needs one of {', '.join(SUPPORTED)} "
                                    f"(a test split), not {data!r}")
-        cache = Path(cache_dir or data_dir) / f"evaluator-{data}-{image_size}-seed{seed}.pt"
         test = load_data(data, data_dir, image_size, "test")
-        self.channels = test[0][0].shape[0]
+        self.channels, size = test[0][0].shape[0], test[0][0].shape[-1]   # the data's own size
+        cache = Path(cache_dir or data_dir) / f"evaluator-{data}-{size}-seed{seed}.pt"
         with torch.random.fork_rng():                                # the caller's RNG is untouched
             torch.manual_seed(seed)
             self.net = Classifier(self.channels, test.num_classes).eval()

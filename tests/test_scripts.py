@@ -463,37 +463,54 @@ def test_three_images_and_batch_size_one_train_and_save(tmp_path):
     assert runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 4
 
 
-RECORD_THRESHOLDS = """
+RECORD_STEPS = """
 import json, os, sys
+import torch
 import train
+compiles, aot_eager = [], torch._dynamo.lookup_backend("aot_eager")
+def counting(gm, example_inputs):  # aot_eager (train.py --compile's tracing), each graph counted
+    compiles.append(len(gm.graph.nodes))
+    return aot_eager(gm, example_inputs)
+compile = torch.compile
+torch.compile = lambda model, **kw: compile(model, backend=counting, **kw)
 step = train.train_step
-def recorded(net, model, *args):  # each rank writes its thresholds after every step
+def recorded(net, model, *args):  # each rank writes its thresholds and compiles after every step
     out = step(net, model, *args)
-    path = os.path.join(os.environ["THRESHOLDS"], "rank" + os.environ["RANK"] + ".json")
+    path = os.path.join(os.environ["RECORDS"], "rank" + os.environ["RANK"] + ".json")
     with open(path, "a") as f:
-        f.write(json.dumps([m.threshold.item() for m in model.moe_layers()]) + "\\n")
+        f.write(json.dumps([[m.threshold.item() for m in model.moe_layers()], len(compiles)])
+                + "\\n")
     return out
 train.train_step = recorded
 train.main(sys.argv[1:])
 """
 
 
-def test_torchrun_two_gloo_processes_agree_on_thresholds(tmp_path):
-    # with accumulation (DDP's no_sync on all but the last micro-batch) and recomputation; the
-    # single-process tests compare recomputation with plain backward
-    script = tmp_path / "record_thresholds.py"
-    script.write_text(RECORD_THRESHOLDS)
+def test_torchrun_two_gloo_processes_compiled_agree_on_thresholds_without_recompiling(tmp_path):
+    """DDP (gloo, 2 processes) + torch.compile (aot_eager) + --recompute + bf16, so the experts run
+    as one grouped GEMM, with accumulation (DDP's no_sync on all but the last micro-batch): the
+    processes agree on every threshold, and steps whose routing differs compile nothing new (a
+    host sync would break the graph, and a shape that follows the routing would recompile). The
+    single-process tests compare recomputation with plain backward."""
+    script = tmp_path / "record_steps.py"
+    script.write_text(RECORD_STEPS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), *FAST, "--steps", "4", "--sample-every", "0",
-           "--out", str(tmp_path / "run"), "--grad-accum", "2", "--recompute"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "THRESHOLDS": str(tmp_path),
+           "--out", str(tmp_path / "run"), "--grad-accum", "2", "--recompute", "--compile",
+           "--precision", "bf16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RECORDS": str(tmp_path),
            "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "1/4" not in res.stdout and res.stdout.count("step 4/4") == 1  # rank 0 alone prints
-    ranks = [(tmp_path / f"rank{r}.json").read_text().splitlines() for r in (0, 1)]
-    assert len(ranks[0]) == 4 and ranks[0] == ranks[1]                    # every step, both ranks
-    assert len(set(ranks[0])) == 4                                        # and they move
+    ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.json").read_text().splitlines()]
+             for r in (0, 1)]
+    thresholds = [[t for t, _ in rank] for rank in ranks]
+    assert len(thresholds[0]) == 4 and thresholds[0] == thresholds[1]    # every step, both ranks
+    assert len({json.dumps(t) for t in thresholds[0]}) == 4               # and they move
+    for rank in ranks:
+        compiled = [n for _, n in rank]
+        assert compiled[0] >= 1 and compiled == [compiled[0]] * 4         # no recompilation
     assert len(runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["rng"]) == 2
 
 
