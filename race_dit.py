@@ -306,7 +306,6 @@ class MoE(nn.Module):
         return y.to(out.dtype).view(B, L, D), layer_aux
 
 
-
 def grouped_matmul(x, w, ends, grouped=None):
     """Rows of x (P, Din) grouped by expert (group e ends at row ends[e]) -> group e @ w[e] for
     every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a loop over
