@@ -1052,20 +1052,17 @@ def test_bench_memory_on_fake_tensors_equals_the_count_on_real_tensors():
     from benchmarks import bench
     args = argparse.Namespace(image_size=16, channels=4, num_classes=1000)
     mse_buffer = 4 * 4 * 16 * 16 * 4                                     # (B, C, H, W) fp32
-    for recompute in (False, True):
-        fake = bench.step_memory("XS/8:race:2in8", args, 4, recompute)
-        real = bench.step_memory("XS/8:race:2in8", args, 4, recompute, fake=False)
-        assert fake[0] == real[0] and real[1] - fake[1] in (0, mse_buffer - 4)
+    fake = bench.step_memory("XS/8:race:2in8", args, 4, True)
+    real = bench.step_memory("XS/8:race:2in8", args, 4, True, fake=False)
+    assert fake[0] == real[0] and real[1] - fake[1] in (0, mse_buffer - 4)
     state, peak = fake
     params = sum(p.numel() for p in bench.build("XS/8:race:2in8", args, "meta",
                                                 learn_sigma=True).parameters())
     assert 20 * params <= state < 20 * params + 2**20    # weights, gradients, AdamW, the EMA
     assert peak > state
-    [row] = bench.memory(["XS/8:race:2in8"], args, gpus=(0.001, 0.002), batches=(4, 256))
-    assert row["peak_gib"]["4_recompute"] == peak / 2**30
+    [row] = bench.memory(["XS/8:race:2in8"], args, gpus=(0.001,), batches=(256,), limit=1)
     assert row["peak_gib"]["256_recompute"] < row["peak_gib"]["256"]      # activations dominate
-    assert row["largest_micro_batch"]["0.002GiB_recompute"] >= row[
-        "largest_micro_batch"]["0.002GiB"]
+    assert row["largest_micro_batch"] == {"0.001GiB": 0, "0.001GiB_recompute": 0}  # none fits
 
 
 def test_paired_statistics_against_hand_computed_cases():
@@ -1119,20 +1116,20 @@ GPU_CHECK_STAGES = {"device", "torch", "seconds", "grouped_vs_loop", "grouped_mm
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
 def test_gpu_check_writes_every_stage_keeps_them_on_a_crash_and_needs_cuda_for_full_sizes(
         tmp_path, capsys, monkeypatch):
-    from benchmarks import bench, gpu_check
+    from benchmarks import gpu_check
     expect_error(capsys, gpu_check.main, ["--json", str(tmp_path / "full.json")], "no CUDA device")
     assert not (tmp_path / "full.json").exists()
     result = gpu_check.main(["--tiny", "--json", str(tmp_path / "g.json")])
     assert set(result) == set(json.loads((tmp_path / "g.json").read_text())) == GPU_CHECK_STAGES
     assert result["grouped_vs_loop"]["ok"] and len(result["bench"]) == 3
 
-    def crash(argv):
-        raise RuntimeError("a crash in the bench stage")
-    monkeypatch.setattr(bench, "main", crash)
-    with pytest.raises(RuntimeError, match="bench stage"):
+    def crash(*a, **k):
+        raise RuntimeError("a crash in the sync stage")
+    monkeypatch.setattr(gpu_check, "Run", crash)
+    with pytest.raises(RuntimeError, match="sync stage"):
         gpu_check.main(["--tiny", "--json", str(tmp_path / "crash.json")])
     kept = json.loads((tmp_path / "crash.json").read_text())
-    assert "loss_falls" in kept and "bench" not in kept
+    assert "grouped_mm_chosen" in kept and "sync_free_step" not in kept
 
 
 class NaNGrad(torch.autograd.Function):
