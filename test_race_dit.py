@@ -627,6 +627,22 @@ def test_samplers_with_the_exact_denoiser_reproduce_gaussian_data(method, steps,
     assert x.std().item() == pytest.approx(0.5, rel=0.02) and abs(x.mean().item()) < 0.01
 
 
+def test_fixed_large_variance_is_dits_and_samples_the_gaussian():
+    """variance="large": DiT's learn_sigma=False variance (IDDPM's fixed large), beta_t with the
+    posterior's at t = 0, as its GaussianDiffusion builds it from the betas."""
+    d = R.Diffusion()
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    ab = np.cumprod(1 - betas)
+    ab_prev = np.append(1.0, ab[:-1])
+    posterior = betas * (1 - ab_prev) / (1 - ab)
+    np.testing.assert_allclose(d.tables["large_logvar"], np.log(np.append(posterior[1], betas[1:])),
+                               rtol=1e-9)
+    torch.manual_seed(0)
+    y = torch.zeros(64, dtype=torch.long)
+    x = d.sample(GaussianOracle(0.5, d), y, 250, "ddpm", shape=(1, 16, 16), variance="large")
+    assert x.std().item() == pytest.approx(0.5, rel=0.02) and abs(x.mean().item()) < 0.01
+
+
 def iddpm_cosine_alphas_cumprod(T=1000, s=0.008):
     """IDDPM's cosine schedule (Nichol & Dhariwal 2021, eq. 17) as its betas_for_alpha_bar builds
     it, one step at a time: beta_i = min(1 - f((i+1)/T) / f(i/T), 0.999),
