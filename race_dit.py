@@ -3,7 +3,7 @@ Race-DiT: a Diffusion Transformer whose MLPs are Mixture-of-Experts layers route
 (Yuan et al., arXiv 2503.16057, ICML 2025), on DiT (Peebles & Xie, arXiv 2212.09748). S1..S7 are
 the sections of PAPER.md, the digest of the paper with the details it leaves open and the choices
 made. Top to bottom: configuration, DiT blocks, the MoE layer (Expert Race's selection, the
-dispatch, the inference threshold), the model, PLR and RSL, the threshold's calibration, the
+dispatch and its policy), the inference threshold and its calibration, the model, PLR and RSL, the
 diffusion.
 """
 import itertools
