@@ -60,7 +60,7 @@ def parse_args(argv=None, prog="train.py"):
     a("--prediction", default="v", choices=R.PREDICTIONS,
       help="what the model predicts: v = sqrt(ab) eps - sqrt(1 - ab) x0, or eps (paper / DiT)")
     a("--lr", type=POSITIVE_NUMBER, default=2e-3, help="peak learning rate (paper: 1e-4)")
-    a("--warmup", type=AT_LEAST_ZERO, default=100, help="linear warm-up steps (paper: 0)")
+    a("--warmup", type=AT_LEAST_ZERO, default=0, help="linear learning-rate warm-up steps")
     a("--lr-schedule", default="constant", choices=["constant", "cosine"],
       help="after the warm-up: constant (DiT) or a cosine decay to 0 at --steps")
     a("--batch-size", type=POSITIVE, default=64, help="per process and micro-batch (paper: 256)")
