@@ -2,7 +2,7 @@
 Train Race-DiT (or a dense / token-choice / expert-choice baseline) on one device or with torchrun.
 
     python train.py                      # built-in shapes, a few minutes on a laptop CPU
-    python train.py --data fashion-mnist --model XS/7 --steps 8000 --warmup 100
+    python train.py --data fashion-mnist --model XS/7 --steps 8000
     torchrun --nproc_per_node 8 train.py --data latents --model XL/2 --experts 4in32 ...
 
 The defaults are a small-scale recipe for CPU runs; README.md gives the paper's (DiT's) settings.
