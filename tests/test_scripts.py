@@ -467,19 +467,15 @@ RECORD_STEPS = """
 import json, os, sys
 import torch
 import train
-compiles, aot_eager = [], torch._dynamo.lookup_backend("aot_eager")
-def counting(gm, example_inputs):  # aot_eager (train.py --compile's tracing), each graph counted
-    compiles.append(len(gm.graph.nodes))
-    return aot_eager(gm, example_inputs)
 compile = torch.compile
-torch.compile = lambda model, **kw: compile(model, backend=counting, **kw)
+torch.compile = lambda model, **kw: compile(model, backend="aot_eager", **kw)  # --compile's tracing
 step = train.train_step
-def recorded(net, model, *args):  # each rank writes its thresholds and compiles after every step
+def recorded(net, model, *args):  # each rank writes its thresholds after every step
     out = step(net, model, *args)
+    torch.compiler.set_stance("fail_on_recompile")  # after the first step: no new graph may compile
     path = os.path.join(os.environ["RECORDS"], "rank" + os.environ["RANK"] + ".json")
     with open(path, "a") as f:
-        f.write(json.dumps([[m.threshold.item() for m in model.moe_layers()], len(compiles)])
-                + "\\n")
+        f.write(json.dumps([m.threshold.item() for m in model.moe_layers()]) + "\\n")
     return out
 train.train_step = recorded
 train.main(sys.argv[1:])
@@ -503,14 +499,9 @@ def test_torchrun_two_gloo_processes_compiled_agree_on_thresholds_without_recomp
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "1/4" not in res.stdout and res.stdout.count("step 4/4") == 1  # rank 0 alone prints
-    ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.json").read_text().splitlines()]
-             for r in (0, 1)]
-    thresholds = [[t for t, _ in rank] for rank in ranks]
+    thresholds = [(tmp_path / f"rank{r}.json").read_text().splitlines() for r in (0, 1)]
     assert len(thresholds[0]) == 4 and thresholds[0] == thresholds[1]    # every step, both ranks
-    assert len({json.dumps(t) for t in thresholds[0]}) == 4               # and they move
-    for rank in ranks:
-        compiled = [n for _, n in rank]
-        assert compiled[0] >= 1 and compiled == [compiled[0]] * 4         # no recompilation
+    assert len(set(thresholds[0])) == 4                                   # and they move
     assert len(runs.load_checkpoint(tmp_path / "run" / "ckpt.pt")["rng"]) == 2
 
 
@@ -1215,7 +1206,7 @@ def test_gpu_check_largest_batch_stops_at_either_form_of_out_of_memory(tmp_path,
 
 
 def test_a_torch_without_the_floors_api_fails_at_import_naming_the_floor():
-    """F.grouped_mm is public from torch 2.10 (torch._grouped_mm before): on a torch without it,
+    """F.grouped_mm is public from torch 2.10 (private before): on a torch without it,
     importing the model fails at once with the floor that requirements.txt and CI install."""
     floor = re.search(r"torch>=([0-9.]+)", (ROOT / "requirements.txt").read_text()).group(1)
     assert re.search(r"torch>=([0-9.]+)", (ROOT / ".ci" / "run").read_text()).group(1) == floor
