@@ -34,6 +34,7 @@ GATINGS = ("identity", "softmax", "sigmoid")
 SCHEDULES = ("linear", "cosine")
 LOSS_WEIGHTS = ("none", "min-snr")
 PREDICTIONS = ("eps", "v")
+PLR_INITS = ("xavier", "zero")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Config:
     granularity: int = 0          # expert width = mlp_ratio * D / granularity (S2); 0 means k
     gating: str = "identity"      # identity | softmax | sigmoid (S3, Table 1)
     threshold_decay: float = 0.99  # EMA decay of the inference threshold (S4, chosen)
+    plr_init: str = "xavier"      # xavier (DiT's for every Linear) | zero: the PLR head's (S5)
     # The diffusion the model is trained and sampled with (S7); the defaults are DiT's.
     schedule: str = "linear"      # linear (DiT) | cosine (IDDPM)
     loss_weight: str = "none"     # none (DiT) | min-snr: the MSE of step t weighed min(SNR, g)/SNR
@@ -65,7 +67,8 @@ class Config:
             if not ok:
                 raise ValueError(msg)
         for name, allowed in (("routing", ROUTINGS), ("gating", GATINGS), ("schedule", SCHEDULES),
-                              ("loss_weight", LOSS_WEIGHTS), ("prediction", PREDICTIONS)):
+                              ("loss_weight", LOSS_WEIGHTS), ("prediction", PREDICTIONS),
+                              ("plr_init", PLR_INITS)):
             value = getattr(self, name)
             need(value in allowed, f"unknown {name} {value!r}; choose from {allowed}")
         need(self.min_snr_gamma > 0, f"min-SNR gamma must be positive, got {self.min_snr_gamma}")
@@ -461,6 +464,7 @@ class RaceDiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity and the model outputs zero.
         zero = [b.adaLN_modulation[-1] for b in self.blocks]
+        zero += [m.plr_head for m in self.moe_layers() if self.cfg.plr_init == "zero"]
         for layer in zero + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

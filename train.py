@@ -49,6 +49,7 @@ def parse_args(argv=None, prog="train.py"):
     a("--learn-sigma", default="auto", choices=["auto", "on", "off"],
       help="learned variance with DiT's hybrid loss; auto: on for latents, as DiT")
     a("--plr-weight", type=WEIGHT, default=0.1, help="per-layer regularization (S5)")
+    a("--plr-init", default="xavier", choices=R.PLR_INITS, help="the PLR heads' initialisation")
     a("--rsl-weight", type=WEIGHT, default=0.01, help="router similarity loss (S6)")
     a("--balance-weight", type=WEIGHT, default=0.0, help="switch balance loss (token-choice)")
     a("--threshold-decay", type=DECAY, default=0.99, help="EMA of the race cutoff (S4)")
@@ -97,7 +98,7 @@ def model_config(args, ds):
     require(shape[1] == shape[2], f"images must be square, got {tuple(shape)}")
     learn_sigma = {"on": True, "off": False, "auto": ds.latent}[args.learn_sigma]
     same = ("routing", "gating", "granularity", "threshold_decay", "schedule", "loss_weight",
-            "min_snr_gamma", "prediction")                          # flags named as Config fields
+            "min_snr_gamma", "prediction", "plr_init")              # flags named as Config fields
     try:
         return R.make_config(args.model, None if args.routing == "dense" else args.experts,
                              input_size=shape[-1], learn_sigma=learn_sigma,

@@ -47,7 +47,11 @@ from support.runs import Parser, atomic_write, load_checkpoint, load_model  # no
 from support.routing import ExpertsByTimestep, experts_per_token_at  # noqa: E402
 
 NO_AUX = ["--plr-weight", "0", "--rsl-weight", "0"]
-# name -> (train.py flags, inference routing, training run it shares)
+# PLR as one public re-implementation sets it (shiml20/SVG): 1e-2 per layer summed over the layers
+# (XS: 6 layers, XSD: 18) and a zero-initialised head, against the mean over layers at 0.1 with
+# DiT's xavier initialisation.
+PLR_SUMMED = lambda depth: ["--plr-weight", f"{0.01 * depth:g}", "--plr-init", "zero"]
+# name -> (train.py flags, inference selection, training run it shares)
 METHODS = {
     "dense": (["--routing", "dense"], "threshold", None),
     "token-choice": (["--routing", "token", "--gating", "softmax", "--balance-weight", "0.01",
@@ -58,8 +62,14 @@ METHODS = {
     "race identity +threshold": (NO_AUX, "threshold", "race identity"),
     "race +threshold +PLR": (["--rsl-weight", "0"], "threshold", None),
     "race full recipe (+RSL)": ([], "threshold", None),
+    # Table 5: granularity at equal activated compute (k experts of width 4D/k); 2in8 is the above
+    "race 1in4": (["--experts", "1in4"], "threshold", None),
+    "race 4in32": (["--experts", "4in32"], "threshold", None),
+    "race 8in128": (["--experts", "8in128"], "threshold", None),
+    "race PLR summed zero-init": (PLR_SUMMED(6), "threshold", None),
     "deep race -PLR": (["--model", "XSD/4", "--plr-weight", "0"], "threshold", None),
     "deep race +PLR": (["--model", "XSD/4"], "threshold", None),
+    "deep race PLR summed zero-init": (["--model", "XSD/4", *PLR_SUMMED(18)], "threshold", None),
 }
 # (claim, better method, worse method): the paper says the first beats the second.
 CLAIMS = [("Table 6: race beats token-choice", "race full recipe (+RSL)", "token-choice"),
@@ -74,11 +84,20 @@ CLAIMS = [("Table 6: race beats token-choice", "race full recipe (+RSL)", "token
            "race identity"),
           ("Table 3: PLR helps", "race +threshold +PLR", "race identity +threshold"),
           ("Table 3: RSL helps", "race full recipe (+RSL)", "race +threshold +PLR"),
-          ("S5: PLR helps a deep narrow model", "deep race +PLR", "deep race -PLR")]
+          ("S5: PLR helps a deep narrow model", "deep race +PLR", "deep race -PLR"),
+          ("S5: PLR summed zero-init helps a deep narrow model", "deep race PLR summed zero-init",
+           "deep race -PLR"),
+          ("PLR summed zero-init beats mean xavier, deep", "deep race PLR summed zero-init",
+           "deep race +PLR"),
+          ("PLR summed zero-init beats mean xavier, XS", "race PLR summed zero-init",
+           "race full recipe (+RSL)"),
+          ("Table 5: 2in8 beats 1in4", "race full recipe (+RSL)", "race 1in4"),
+          ("Table 5: 4in32 beats 2in8", "race 4in32", "race full recipe (+RSL)"),
+          ("Table 5: 8in128 beats 4in32", "race 8in128", "race 4in32")]
 # train.py's arguments that define a run's training (not its length: a longer run resumes)
 RECIPE = ("model", "experts", "routing", "gating", "granularity", "schedule", "loss_weight",
-          "min_snr_gamma", "prediction", "lr", "warmup", "lr_schedule", "batch_size",
-          "ema_decay", "plr_weight", "rsl_weight", "balance_weight", "threshold_decay", "data",
+          "min_snr_gamma", "prediction", "lr", "warmup", "lr_schedule", "batch_size", "ema_decay",
+          "plr_weight", "plr_init", "rsl_weight", "balance_weight", "threshold_decay", "data",
           "image_size", "seed")
 CLASSES = 10                                    # of the shapes (and Fashion-MNIST) scored
 MSE_BINS = 5                                    # held-out epsilon-MSE by t: 0-199, ..., 800-999
@@ -162,11 +181,12 @@ def score(ckpt_path, select_by, test, evaluator, args):
     labels = torch.arange(CLASSES).repeat_interleave(args.samples_per_class)
     stats = ExpertsByTimestep()
     images = np.concatenate([
-        to_uint8(d.sample(model, labels[i:i + 250], args.sample_steps, "ddim", 2.0, first=i,
-                          clip_x0=True, on_step=stats))
+        to_uint8(d.sample(model, labels[i:i + 250], args.sample_steps, "ddpm", 2.0, first=i,
+                          clip_x0=True, on_step=stats))                  # train.py's grids' sampler
         for i in range(0, len(labels), 250)])
     records = [json.loads(line) for line in open(Path(ckpt_path).parent / "metrics.jsonl")]
     out = dict(heldout_mse=mse.mean().item(), steps=ckpt["step"], sample_steps=args.sample_steps,
+               sampler="ddpm",
                heldout_mse_by_t=[mse[bins == b].mean().item() for b in range(MSE_BINS)],
                select_by=select_by,
                curve=[(r["step"], r["mse"]) for r in records],
@@ -248,15 +268,23 @@ def judge(tests, alpha=0.05, power=0.8):
     return judged
 
 
-def verdicts(results, names, seeds):
-    """Mean ± std per method and metric; for each claim and metric a paired t-test over seeds (the
-    runs of one seed share initial weights, data order, t and noise), Holm-corrected over every
-    claim and metric of the table."""
-    rows = {n: [results[f"{n} / seed {s}"] for s in range(seeds)] for n in names}
+def seeds_of(results, name):
+    """The number n of a method's runs in results, seeds 0..n-1 (runs go seed by seed)."""
+    n = 0
+    while f"{name} / seed {n}" in results:
+        n += 1
+    return n
+
+
+def verdicts(results, names):
+    """Mean ± std per method and metric over its seeds; for each claim and metric a paired t-test
+    over the seeds both methods have (the runs of one seed share initial weights, data order, t
+    and noise), Holm-corrected over every claim and metric of the table."""
+    rows = {n: [results[f"{n} / seed {s}"] for s in range(seeds_of(results, n))] for n in names}
     metrics = {k: sign for k, sign in METRICS.items()  # scores of an older evaluator may lack some
                if all(k in r for rs in rows.values() for r in rs)}
     table = {n: {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs], ddof=1)))
-                 for k in metrics} for n, rs in rows.items()}
+                 for k in metrics} | dict(seeds=len(rs)) for n, rs in rows.items()}
     tests = [(claim, a, b, k, paired_test([sign * (ra[k] - rb[k])  # > 0: as the paper says
                                            for ra, rb in zip(rows[a], rows[b])]))
              for claim, a, b in CLAIMS if a in rows and b in rows for k, sign in metrics.items()]
@@ -266,19 +294,18 @@ def verdicts(results, names, seeds):
     return table, list(claims.values())
 
 
-def critical_tokens(results, names, seeds):
+def critical_tokens(results, names):
     """S3's claim that the race gives experts to critical tokens, per method: the within-cell
     slope of experts per token on object fraction, tested against 0 over seeds (Holm over the
     methods); "supports" means object patches get more experts than background at the same
     position and timestep."""
     names = [n for n in names if "experts_by_object" in results[f"{n} / seed 0"]]
     # token-choice gives every token k experts by construction: its slope is exactly 0, no test
-    names = [n for n in names if any(results[f"{n} / seed {s}"]["experts_by_object"]["slope"]
-                                     for s in range(seeds))]
-    slopes = {n: [results[f"{n} / seed {s}"]["experts_by_object"]["slope"] for s in range(seeds)]
-              for n in names}
+    slopes = {n: [results[f"{n} / seed {s}"]["experts_by_object"]["slope"]
+                  for s in range(seeds_of(results, n))] for n in names}
+    slopes = {n: v for n, v in slopes.items() if any(v)}
     return {n: dict(slopes=slopes[n], **v)
-            for n, v in zip(names, judge([paired_test(slopes[n]) for n in names]))}
+            for n, v in zip(slopes, judge([paired_test(v) for v in slopes.values()]))}
 
 
 def describe(v):
@@ -289,8 +316,9 @@ def describe(v):
     return f"{v['verdict']} ({effect})"
 
 
-def charts(results, names, seeds, out):
-    curves = lambda n: [[v for _, v in results[f"{n} / seed {s}"]["curve"]] for s in range(seeds)]
+def charts(results, names, out):
+    curves = lambda n: [[v for _, v in results[f"{n} / seed {s}"]["curve"]]
+                        for s in range(seeds_of(results, n))]
     steps = [s for s, _ in results[f"{names[0]} / seed 0"]["curve"]]
     series = [(steps, list(np.mean(curves(n), 0)), COLOURS[i % 10], 2) for i, n in enumerate(names)]
     # each seed
@@ -301,11 +329,11 @@ def charts(results, names, seeds, out):
     race = results.get("race full recipe (+RSL) / seed 0", {})
     if "per_layer" in race:
         experts_chart(race, out / "experts_by_timestep.png", 2)
-    pair = [n for n in ("deep race -PLR", "deep race +PLR") if n in names]
+    pair = [n for n in METHODS if n.startswith("deep") and n in names]
     if pair:
         series = [(list(range(1, 1 + len(results[f"{n} / seed {s}"]["contributions"]))),
                    results[f"{n} / seed {s}"]["contributions"], COLOURS[1 + i], 2 if s == 0 else 1)
-                  for i, n in enumerate(pair) for s in range(seeds)]
+                  for i, n in enumerate(pair) for s in range(seeds_of(results, n))]
         line_chart(series, out / "plr_contributions.png",
                    "||block(x) - x|| / ||x|| by depth (thick: seed 0)", "block", log_y=True,
                    legend=[(n, COLOURS[1 + i]) for i, n in enumerate(pair)])
@@ -363,8 +391,9 @@ def main(argv=None):
                     str(every["save"]), "--out", str(run), *flags]
             recipe = recipe_of(vars(train.parse_args(argv)))
             done = results.get(key, {})     # scored already, with these settings: kept
-            if (done.get("steps"), done.get("n"), done.get("sample_steps"), done.get("recipe")) \
-                    == (args.steps, CLASSES * args.samples_per_class, args.sample_steps, recipe):
+            if (done.get("steps"), done.get("n"), done.get("sample_steps"), done.get("sampler"),
+                    done.get("recipe")) == (args.steps, CLASSES * args.samples_per_class,
+                                            args.sample_steps, "ddpm", recipe):
                 continue
             ckpt = load_checkpoint(run / "ckpt.pt") if (run / "ckpt.pt").exists() else None
             if ckpt is not None and recipe_of(ckpt["args"]) != recipe:
@@ -381,11 +410,11 @@ def main(argv=None):
             atomic_write(results_path,
                          lambda tmp_path: tmp_path.write_text(json.dumps(results, indent=1)))
             print(f"{key}: {results[key]['seconds']:.0f} s", flush=True)
-    # judged: every method with all its seeds in results.json, so that a later --methods adds
-    # to the table instead of replacing it
-    names = [n for n in METHODS if all(f"{n} / seed {s}" in results for s in range(args.seeds))]
-    table, claims = verdicts(results, names, args.seeds)
-    critical = critical_tokens(results, names, args.seeds)
+    # judged: every method with at least two seeds in results.json, so that a later --methods
+    # adds to the table instead of replacing it
+    names = [n for n in METHODS if seeds_of(results, n) >= 2]
+    table, claims = verdicts(results, names)
+    critical = critical_tokens(results, names)
     summary = dict(setup={k: v for k, v in vars(args).items()
                           if k not in ("out", "runs", "data_dir")},
                    seconds=time.time() - tick, table=table, claims=claims,
@@ -393,12 +422,13 @@ def main(argv=None):
     atomic_write(out / "summary.json",
                  lambda tmp_path: tmp_path.write_text(json.dumps(summary, indent=1)))
     for name, row in table.items():
-        print(f"{name:28s} " + "  ".join(f"{k} {m:.4f} ± {s:.4f}" for k, (m, s) in row.items()))
+        print(f"{name:28s} {row['seeds']} seeds " + "  ".join(
+            f"{k} {v[0]:.4f} ± {v[1]:.4f}" for k, v in row.items() if k != "seeds"))
     for c in claims:
         print(f"{c['claim']}: " + "; ".join(f"{k} {describe(c[k])}" for k in METRICS if k in c))
     for n, v in critical.items():
         print(f"experts per unit object fraction, {n}: {describe(v)}")
-    charts(results, names, args.seeds, out)
+    charts(results, names, out)
     print(f"wrote {results_path}, {out / 'summary.json'} and charts in {out} "
           f"({time.time() - tick:.0f} s)")
     if tmp is not None:
