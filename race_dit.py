@@ -1,10 +1,8 @@
 """
-Race-DiT: a Diffusion Transformer whose MLPs are Mixture-of-Experts layers routed by Expert Race
-(Yuan et al., arXiv 2503.16057, ICML 2025), on DiT (Peebles & Xie, arXiv 2212.09748). S1..S7 are
-the sections of PAPER.md, the digest of the paper with the details it leaves open and the choices
-made. Top to bottom: configuration, DiT blocks, the MoE layer (Expert Race's selection, the
-dispatch and its policy), the inference threshold and its calibration, the model, PLR and RSL, the
-diffusion.
+Race-DiT: DiT (Peebles & Xie, arXiv 2212.09748) whose MLPs are Mixture-of-Experts layers routed by
+Expert Race (Yuan et al., arXiv 2503.16057). S1..S7: the sections of PAPER.md, the paper's digest.
+Top to bottom: configuration, DiT blocks, the MoE layer (selection, dispatch and its policy), the
+inference threshold and its calibration, the model, PLR and RSL, the diffusion.
 """
 import itertools
 import math
@@ -24,17 +22,15 @@ if not hasattr(F, "grouped_mm"):  # the floor in requirements.txt
 # --------------------------------------------------------------------------------------------------
 # Configuration
 
-# name -> (depth, hidden size, heads); S from DiT, B/M/L/XL from the paper's Table 4 (S1);
-# XS (this repository's) for CPU runs and tests; XSD has XS's compute at three times its depth
-# (the PLR test, S5).
+# name -> (depth, hidden size, heads): S from DiT, B/M/L/XL from the paper's Table 4 (S1); XS for
+# CPU runs and tests; XSD, XS's compute at three times its depth (the PLR test, S5).
 SIZES = {"XS": (6, 192, 3), "XSD": (18, 112, 2), "S": (12, 384, 6), "B": (12, 768, 12),
          "M": (16, 960, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-ROUTINGS = ("race", "token", "expert", "dense")
-GATINGS = ("identity", "softmax", "sigmoid")
-SCHEDULES = ("linear", "cosine")
-LOSS_WEIGHTS = ("none", "min-snr")
-PREDICTIONS = ("eps", "v")
-PLR_INITS = ("xavier", "zero")
+# Config field -> its allowed values (the first: the Config default)
+CHOICES = dict(routing=("race", "token", "expert", "dense"),
+               gating=("identity", "softmax", "sigmoid"), plr_init=("xavier", "zero"),
+               schedule=("linear", "cosine"), loss_weight=("none", "min-snr"),
+               prediction=("eps", "v"))
 
 
 @dataclass
@@ -66,12 +62,11 @@ class Config:
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
-        for name, allowed in (("routing", ROUTINGS), ("gating", GATINGS), ("schedule", SCHEDULES),
-                              ("loss_weight", LOSS_WEIGHTS), ("prediction", PREDICTIONS),
-                              ("plr_init", PLR_INITS)):
-            value = getattr(self, name)
-            need(value in allowed, f"unknown {name} {value!r}; choose from {allowed}")
+        for name, allowed in CHOICES.items():
+            need(getattr(self, name) in allowed,
+                 f"unknown {name} {getattr(self, name)!r}; choose from {allowed}")
         need(self.min_snr_gamma > 0, f"min-SNR gamma must be positive, got {self.min_snr_gamma}")
+        need(self.patch_size >= 1, f"the patch size must be at least 1, got {self.patch_size}")
         need(self.input_size % self.patch_size == 0,
              f"image size {self.input_size} is not divisible by the patch size {self.patch_size}")
         need(self.hidden_size % self.num_heads == 0, "hidden size must be divisible by the heads")
@@ -105,24 +100,19 @@ class Config:
 
 
 def make_config(name="S/2", experts=None, **kw):
-    """`make_config("XL/2", "4in32")` -> Config. `experts=None` (or routing="dense") gives a
-    dense DiT."""
+    """`make_config("XL/2", "4in32")` -> Config; experts=None (or routing="dense"): a dense DiT."""
     m = re.fullmatch(r"(?:DiT-)?(XSD|XS|S|B|M|L|XL)/(\d+)", name)
     if not m:
         raise ValueError(f"unknown model {name!r}; expected e.g. S/2, B/4, XL/2 "
                          f"(sizes {', '.join(SIZES)})")
-    if int(m.group(2)) < 1:
-        raise ValueError(f"the patch size must be at least 1, got {name!r}")
-    depth, hidden, heads = SIZES[m.group(1)]
-    base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(m.group(2)))
-    kw = {**base, **kw}
+    size = dict(zip(("depth", "hidden_size", "num_heads"), SIZES[m.group(1)]))
+    kw = {**size, "patch_size": int(m.group(2)), **kw}
     if experts is None:
         kw.setdefault("routing", "dense")
-    else:
-        e = re.fullmatch(r"(\d+)in(\d+)", experts)
-        if not e:
-            raise ValueError(f"experts must look like 2in8 (k in E), got {experts!r}")
+    elif e := re.fullmatch(r"(\d+)in(\d+)", experts):
         kw.update(top_k=int(e.group(1)), num_experts=int(e.group(2)))
+    else:
+        raise ValueError(f"experts must look like 2in8 (k in E), got {experts!r}")
     return Config(**kw)
 
 
@@ -150,8 +140,8 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(c, d, kernel_size=p, stride=p)
 
-    def forward(self, x):  # (B, C, H, W) -> (B, L, D)
-        return self.proj(x).flatten(2).transpose(1, 2)
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)                   # (B, C, H, W) -> (B, L, D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -169,8 +159,7 @@ class TimestepEmbedder(nn.Module):
 
 
 def drop_labels(y, p, num_classes):
-    """Classifier-free guidance training: replace each label by the null class with
-    probability p."""
+    """Classifier-free guidance training: each label becomes the null class with probability p."""
     drop = torch.rand(y.shape, device=y.device) < p
     return torch.where(drop, torch.full_like(y, num_classes), y)
 
@@ -179,8 +168,7 @@ class LabelEmbedder(nn.Module):
     def __init__(self, num_classes, d, dropout_prob):
         super().__init__()
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
-        # last row: null class
-        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), d)
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), d)  # last: null
 
     def forward(self, y):
         if self.training and self.dropout_prob > 0:
@@ -218,18 +206,14 @@ class Mlp(nn.Module):
 # The MoE layer (S2-S4)
 
 class MoE(nn.Module):
-    """Router, E bias-free experts held as stacked weights, and the PLR head (S2, S5).
-
-    forward(x (B, L, D)) -> (out (B, L, D), aux): aux holds what the losses and statistics need:
-    logits (B, L, E), mask (B, L, E) of the selected pairs, cutoff (race top-K), and in training
-    plr (B, L, p*p*C), which the model turns into image layout.
-    """
+    """Router, E bias-free experts held as stacked weights, and the PLR head (S2, S5). forward(x
+    (B, L, D)) -> (out (B, L, D), aux): logits (B, L, E), mask (B, L, E) of the selected pairs,
+    cutoff (race top-K) and, in training, plr (B, L, p*p*C), for the losses and statistics."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         D, E, H = cfg.hidden_size, cfg.num_experts, cfg.mlp_hidden
-        self.routing, self.gating = cfg.routing, cfg.gating
-        self.k, self.E = cfg.top_k, E
+        self.routing, self.gating, self.k, self.E = cfg.routing, cfg.gating, cfg.top_k, E
         self.capacity, self.decay = cfg.capacity, cfg.threshold_decay
         self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))  # h = GELU(Wx)
         self.scorer = nn.Linear(D, E)                                           # logits = scorer(h)
@@ -289,9 +273,9 @@ class MoE(nn.Module):
         expert, token = pairs // N, pairs % N                             # (P,), (P,)
         ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
         # Dispatch: only the P selected pairs are computed; an expert may get any load, zero
-        # included. Gathered from x's dtype (fp32 under autocast), then cast: backward adds a
-        # token's up to E gradients in fp32, as for one dense matmul's input.
-        tokens = xf.index_select(0, token).to(compute_dtype(xf))          # (P, D)
+        # included. Gathered from x's dtype (fp32 under autocast), cast by grouped_matmul: backward
+        # adds a token's up to E gradients in fp32, as for one dense matmul's input.
+        tokens = xf.index_select(0, token)                                # (P, D)
         hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
         out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
         # Each output weighed by its pair's score (S3).
@@ -312,9 +296,10 @@ class MoE(nn.Module):
 def grouped_matmul(x, w, ends, grouped=None):
     """Rows of x (P, Din) grouped by expert (group e ends at row ends[e]) -> group e @ w[e] for
     every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a loop over
-    experts. Autocast does not cover grouped_mm: the weights are cast here, once per forward, as
-    autocast casts an nn.Linear's weight."""
-    dtype = compute_dtype(x)
+    experts. Autocast does not cover grouped_mm: x and w are cast here to autocast's dtype, as
+    autocast casts an nn.Linear's input and weight."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     x, w = x.to(dtype), w.to(dtype)
     if use_grouped_mm(x.device, dtype) if grouped is None else grouped:
         return F.grouped_mm(x, w, offs=ends.to(torch.int32))
@@ -334,12 +319,6 @@ def use_grouped_mm(device, dtype, capability=None, compiling=None):
     if device.type != "cuda" or dtype != torch.bfloat16:
         return False
     return (capability or torch.cuda.get_device_capability(device))[0] == 9
-
-
-def compute_dtype(x):
-    """The dtype x's matmuls run in: autocast's where it is enabled on x's device, else x's own."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,11 +408,9 @@ def unpatchify(x, p, c):
 
 
 class RaceDiT(nn.Module):
-    """DiT (S1) whose block MLPs are MoE layers unless cfg.routing == "dense".
-
-    model(x (B, C, H, W), t (B,), y (B,)) -> prediction (B, C_out, H, W);
-    with return_aux=True also the list of per-layer MoE aux (empty for a dense model).
-    A training forward also moves each race layer's inference threshold (S4) toward its cutoff."""
+    """DiT (S1) whose block MLPs are MoE layers unless cfg.routing == "dense". model(x (B, C, H, W),
+    t (B,), y (B,)) -> prediction (B, C_out, H, W), and with return_aux=True the list of per-layer
+    MoE aux. A training forward also moves each race layer's threshold (S4) toward its cutoff."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -442,8 +419,7 @@ class RaceDiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
-        # A Parameter without gradient, as in DiT, so reference checkpoints and parameter
-        # counts match.
+        # a Parameter without gradient, as in DiT: reference checkpoints and parameter counts match
         self.pos_embed = nn.Parameter(sincos_pos_embed(D, cfg.input_size // cfg.patch_size)[None],
                                       requires_grad=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
@@ -477,9 +453,7 @@ class RaceDiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)                       # (B, D)
         aux = []
         for block in self.blocks:
-            if self.recompute and torch.is_grad_enabled():
-                # Activation recomputation: keep only the block's input; backward recomputes the
-                # block (it draws no random numbers).
+            if self.recompute and torch.is_grad_enabled():  # keep the input; backward recomputes
                 h, layer_aux = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False,
                                                              preserve_rng_state=False)
             else:
@@ -496,30 +470,16 @@ class RaceDiT(nn.Module):
 
 
 def guided_forward(model, x, t, y, cfg_scale):
-    """Classifier-free guidance with cond and uncond in one batched forward, applied to all of the
-    epsilon channels (a learned variance is taken from the conditional half). Returns (out, aux)."""
+    """Classifier-free guidance, conditional and unconditional in one forward, on the prediction's
+    channels (a learned variance is the conditional half's). Returns (out, aux)."""
     if model.cfg.class_dropout_prob <= 0:
         raise ValueError("guidance needs the null class of a model trained with label dropout "
                          "(class_dropout_prob > 0)")
-    null = torch.full_like(y, model.cfg.num_classes)
+    null, C = torch.full_like(y, model.cfg.num_classes), x.shape[1]
     out, aux = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), return_aux=True)
     cond, uncond = out.chunk(2)
-    C = x.shape[1]
     eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
     return torch.cat([eps, cond[:, C:]], dim=1), aux
-
-
-def count_params(model, blocks_only=False):
-    """(total, activated) parameters used at inference; the training-only PLR heads are left out.
-    Activated counts one token's average use: the router and k experts, not E (S2, Table 4)."""
-    total = activated = 0
-    for name, p in (model.blocks if blocks_only else model).named_parameters():
-        if "plr_head" in name:
-            continue
-        total += p.numel()
-        expert = name.endswith((".w1", ".w2"))
-        activated += p.numel() * model.cfg.top_k // model.cfg.num_experts if expert else p.numel()
-    return total, activated
 
 
 # --------------------------------------------------------------------------------------------------
@@ -556,95 +516,48 @@ def balance_loss(logits, mask):
     return E * ((M.sum(0) / M.sum().clamp(min=1)) * P.mean(0)).sum()
 
 
-def moe_losses(aux, target, balance=False):
-    """Means over MoE layers: plr (in training), rsl, and balance when asked."""
-    n = len(aux)
-    out = dict(rsl=sum(rsl_loss(a["logits"], a["mask"]) for a in aux) / n)
-    if "plr" in aux[0]:
-        out["plr"] = plr_loss(aux, target)
-    if balance:
-        out["balance"] = sum(balance_loss(a["logits"], a["mask"]) for a in aux) / n
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Gaussian diffusion (S7, chosen: DDPM on 1000 steps; DiT's linear schedule, plain MSE and epsilon
 # prediction, or IDDPM's cosine schedule, min-SNR weights and v-prediction)
 
-def schedule(ab):
-    """Per-step quantities of a (possibly respaced) schedule from its alphas_cumprod (T,), all in
-    float64: square roots and differences are taken here, before any cast to a tensor's dtype, as
-    DiT does (1 - ab in fp32 cancels at small t)."""
-    ab_prev = np.append(1.0, ab[:-1])
-    betas = 1 - ab / ab_prev
-    post_var = betas * (1 - ab_prev) / (1 - ab)                   # variance of q(x_{t-1} | x_t, x0)
-    # It is 0 at t = 0: DiT (IDDPM) clips its log to the value at t = 1.
-    post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(ab) > 1 else np.log(betas)
-    # DiT's fixed variance for a model without a learned one ("fixed large", IDDPM): beta_t, with
-    # the posterior's at t = 0
-    large_logvar = np.log(np.append(post_var[1], betas[1:])) if len(ab) > 1 else np.log(betas)
-    return dict(ab=ab, ab_prev=ab_prev, betas=betas, log_betas=np.log(betas),
-                post_logvar=post_logvar, large_logvar=large_logvar,
-                sqrt_ab=np.sqrt(ab), sqrt_1m_ab=np.sqrt(1 - ab),                       # q(x_t | x0)
-                sqrt_recip_ab=np.sqrt(1 / ab), sqrt_recipm1_ab=np.sqrt(1 / ab - 1),    # x0 from eps
-                coef_x0=betas * np.sqrt(ab_prev) / (1 - ab),                        # posterior mean
-                coef_xt=(1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab))
-
-
-def predict_x0(xt, eps, sqrt_recip_ab, sqrt_recipm1_ab):
-    """x0 implied by an epsilon prediction; schedule terms are floats or tensors broadcast
-    against x."""
-    return sqrt_recip_ab * xt - sqrt_recipm1_ab * eps
-
-
-def posterior_mean(x0, xt, coef_x0, coef_xt):
-    """Mean of q(x_{t-1} | x_t, x0), with the coefficients of `schedule`."""
-    return coef_x0 * x0 + coef_xt * xt
-
-
-def learned_logvar(var_out, log_beta, post_logvar):
-    """DiT's learned variance (IDDPM): the model's variance output in [-1, 1] interpolates log beta
-    and the posterior's log variance."""
-    frac = (var_out + 1) / 2
-    return frac * log_beta + (1 - frac) * post_logvar
-
-
-def discretized_log_likelihood(x, mean, log_scale):
-    """log p(x) of 8-bit data in [-1, 1] under a Gaussian discretized to bins of width 2/255, with
-    the tanh approximation of the normal CDF and open-ended first and last bins (IDDPM's
-    decoder)."""
-    cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
-    inv = torch.exp(-log_scale)
-    upper, lower = cdf(inv * (x - mean + 1 / 255)), cdf(inv * (x - mean - 1 / 255))
-    log = lambda p: p.clamp(min=1e-12).log()
-    return torch.where(x < -0.999, log(upper),
-                       torch.where(x > 0.999, log(1 - lower), log(upper - lower)))
-
-
 def alphas_cumprod(name, T=1000):
-    """The noise schedule's alpha-bar at t = 0..T-1, float64 (S7). linear: DiT's betas, 1e-4..0.02.
-    cosine: IDDPM's alpha-bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008,
-    with each beta clipped at 0.999. At 16x16 the linear schedule spends half of its steps at an SNR
-    below 0.1, where the image is nearly gone; the cosine one a fifth."""
+    """Alpha-bar at t = 0..T-1, float64 (S7). linear: DiT's betas, 1e-4..0.02. cosine: IDDPM's
+    f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, each beta clipped at 0.999.
+    At 16x16 linear spends half its steps at an SNR below 0.1 (the image nearly gone), cosine a
+    fifth."""
     if name == "linear":
         return np.cumprod(1 - np.linspace(1e-4, 0.02, T, dtype=np.float64))
     f = np.cos((np.arange(T + 1, dtype=np.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
     return np.cumprod(1 - np.minimum(1 - f[1:] / f[:-1], 0.999))
 
 
+def schedule(ab):
+    """Per-step tables of a (respaced) schedule from its alpha-bar (T,), in float64: roots and
+    differences before any cast, as DiT (1 - ab in fp32 cancels at small t)."""
+    ab_prev = np.append(1.0, ab[:-1])
+    betas = 1 - ab / ab_prev
+    post_var = betas * (1 - ab_prev) / (1 - ab)                   # variance of q(x_{t-1} | x_t, x0)
+    # post_var is 0 at t = 0: DiT (IDDPM) takes its value at t = 1 there, for both variances
+    clipped_log = lambda v: np.log(np.append(post_var[1], v[1:]) if len(ab) > 1 else betas)
+    return dict(ab=ab, ab_prev=ab_prev, betas=betas, log_betas=np.log(betas),
+                post_logvar=clipped_log(post_var),              # "fixed small" (IDDPM), the default
+                large_logvar=clipped_log(betas),        # "fixed large": DiT's without learn_sigma
+                sqrt_ab=np.sqrt(ab), sqrt_1m_ab=np.sqrt(1 - ab),                       # q(x_t | x0)
+                sqrt_recip_ab=np.sqrt(1 / ab), sqrt_recipm1_ab=np.sqrt(1 / ab - 1),    # x0 from eps
+                coef_x0=betas * np.sqrt(ab_prev) / (1 - ab),                        # posterior mean
+                coef_xt=(1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab))
+
+
 class Diffusion:
-    """DDPM on 1000 steps (S7). schedule: "linear" | "cosine"; loss_weight: "none" (DiT: the plain
-    MSE) | "min-snr" (Hang et al. 2023: the MSE of step t weighed so that it counts as the x0 MSE
-    times min(SNR(t), gamma): nearly clean steps, whose epsilon is hard to read and matters little,
-    stop dominating the gradient); prediction: "eps" (DiT) | "v". Diffusion.of(cfg) is the one a
-    model was trained with."""
+    """DDPM on 1000 steps (S7) with schedule "linear" | "cosine", loss_weight "none" (DiT's plain
+    MSE) | "min-snr" (Hang et al. 2023: step t's MSE counts as the x0 MSE times min(SNR(t), gamma),
+    so that nearly clean steps stop dominating the gradient), prediction "eps" | "v".
+    Diffusion.of(cfg) is the one a model was trained with."""
 
     def __init__(self, schedule_name="linear", loss_weight="none", min_snr_gamma=5.0,
                  prediction="eps", num_timesteps=1000):
-        if (schedule_name, loss_weight, prediction) not in itertools.product(
-                SCHEDULES, LOSS_WEIGHTS, PREDICTIONS):
-            raise ValueError(f"unknown diffusion {schedule_name!r}, {loss_weight!r}, "
-                             f"{prediction!r}")
+        Config(routing="dense", schedule=schedule_name, loss_weight=loss_weight,  # checks names
+               min_snr_gamma=min_snr_gamma, prediction=prediction)
         self.num_timesteps, self.loss_weight = num_timesteps, loss_weight
         self.prediction = prediction
         self.alphas_cumprod = alphas_cumprod(schedule_name, num_timesteps)
@@ -659,6 +572,16 @@ class Diffusion:
     def of(cls, cfg):
         return cls(cfg.schedule, cfg.loss_weight, cfg.min_snr_gamma, cfg.prediction)
 
+    def _at(self, name, t, x):  # table `name` at t (B,) -> (B, 1, 1, 1) in x's dtype, >= fp32
+        key = (name, x.device)
+        if key not in self.on_device:
+            self.on_device[key] = torch.from_numpy(self.tables[name]).to(x.device)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return self.on_device[key][t].to(dtype).view(-1, *[1] * (x.dim() - 1))
+
+    def q_sample(self, x0, t, noise):
+        return self._at("sqrt_ab", t, x0) * x0 + self._at("sqrt_1m_ab", t, x0) * noise
+
     def target(self, x0, t, noise):
         """What the model predicts: epsilon, or v = sqrt(ab) eps - sqrt(1 - ab) x0."""
         if self.prediction == "eps":
@@ -672,23 +595,29 @@ class Diffusion:
             return pred
         return self._at("sqrt_ab", t, xt) * pred + self._at("sqrt_1m_ab", t, xt) * xt
 
-    def _at(self, name, t, x):
-        """Schedule table `name` at t (B,) -> (B, 1, 1, 1), cast from float64 to x's dtype (at least
-        fp32; DiT's _extract_into_tensor)."""
-        key = (name, x.device)
-        if key not in self.on_device:
-            self.on_device[key] = torch.from_numpy(self.tables[name]).to(x.device)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return self.on_device[key][t].to(dtype).view(-1, *[1] * (x.dim() - 1))
-
-    def q_sample(self, x0, t, noise):
-        return self._at("sqrt_ab", t, x0) * x0 + self._at("sqrt_1m_ab", t, x0) * noise
+    def p_step(self, out, xt, t, at, clip_x0=False, variance="small"):
+        """p(x_{t-1} | x_t) from the model's output (B, C or 2C, H, W) at x_t, t (B,); `at`: the
+        tables at t, floats or (B, 1, 1, 1). Returns epsilon, x0 (clipped if asked), the mean and
+        the log variance: learned (IDDPM: the output in [-1, 1] interpolates log beta and the
+        posterior's) or fixed, "small" (the posterior's) or "large" (beta_t)."""
+        C = xt.shape[1]
+        eps = self.eps_from(out[:, :C], xt, t)
+        x0 = at["sqrt_recip_ab"] * xt - at["sqrt_recipm1_ab"] * eps
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = (xt - at["sqrt_ab"] * x0) / at["sqrt_1m_ab"]
+        mean = at["coef_x0"] * x0 + at["coef_xt"] * xt
+        logvar = torch.zeros_like(xt) + at["post_logvar" if variance == "small" else "large_logvar"]
+        if out.shape[1] == 2 * C:
+            frac = (out[:, C:] + 1) / 2
+            logvar = frac * at["log_betas"] + (1 - frac) * at["post_logvar"]
+        return eps, x0, mean, logvar
 
     def training_losses(self, model, x0, y, plr_weight=0.1, rsl_weight=0.01, balance_weight=0.0,
                         t=None, noise=None):
-        """Returns (losses, aux): losses has 'loss' (the total to minimise) and each term
-        unweighted: 'mse', for learned-variance models 'vb', for MoE models 'plr', 'rsl' and with
-        balance_weight > 0 'balance'; aux is the model's per-layer MoE aux."""
+        """Returns (losses, aux): 'loss' to minimise and each term unweighted: 'mse', 'vb' (learned
+        variance), for MoE models the means over layers 'rsl', 'plr' (training) and 'balance'
+        (balance_weight > 0); aux is the model's per-layer MoE aux."""
         B, C = x0.shape[:2]
         t = torch.randint(0, self.num_timesteps, (B,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
@@ -704,68 +633,68 @@ class Diffusion:
             losses = dict(mse=per_sample.mean())
             loss = (self._at("min_snr_weight", t, per_sample) * per_sample).mean()
         if out.shape[1] == 2 * C:  # DiT's hybrid loss: the bound trains the variance, not the mean
-            eps = self.eps_from(out[:, :C].detach(), xt, t)
-            losses["vb"] = self.vb(eps, out[:, C:], x0.to(out.dtype), xt.to(out.dtype), t)
+            frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
+            losses["vb"] = self.vb(frozen, x0.to(out.dtype), xt.to(out.dtype), t)
             loss = loss + losses["vb"]
         if aux:
-            losses.update(moe_losses(aux, target, balance=balance_weight > 0))
-            loss = loss + rsl_weight * losses["rsl"] + balance_weight * losses.get("balance", 0)
-            loss = loss + plr_weight * losses["plr"] if "plr" in losses else loss
+            n = len(aux)
+            losses["rsl"] = sum(rsl_loss(a["logits"], a["mask"]) for a in aux) / n     # S6
+            loss = loss + rsl_weight * losses["rsl"]
+            if balance_weight > 0:
+                losses["balance"] = sum(balance_loss(a["logits"], a["mask"]) for a in aux) / n
+                loss = loss + balance_weight * losses["balance"]
+            if "plr" in aux[0]:                                                         # S5
+                losses["plr"] = plr_loss(aux, target)
+                loss = loss + plr_weight * losses["plr"]
         losses["loss"] = loss
         return losses, aux
 
-    def vb(self, eps, var_out, x0, xt, t):
-        """The variational bound's term for each sample in bits per dimension, averaged (DiT,
-        IDDPM): KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0
-        at t = 0."""
+    def vb(self, out, x0, xt, t):
+        """The variational bound's term in bits per dimension, averaged (DiT, IDDPM): KL(q(x_{t-1} |
+        x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0 at t = 0."""
         names = "sqrt_recip_ab", "sqrt_recipm1_ab", "coef_x0", "coef_xt", "post_logvar", "log_betas"
         at = {name: self._at(name, t, xt) for name in names}              # each (B, 1, 1, 1)
-        x0_pred = predict_x0(xt, eps, at["sqrt_recip_ab"], at["sqrt_recipm1_ab"])
-        true_mean = posterior_mean(x0, xt, at["coef_x0"], at["coef_xt"])
-        mean = posterior_mean(x0_pred, xt, at["coef_x0"], at["coef_xt"])
-        true_logvar = at["post_logvar"]
-        logvar = learned_logvar(var_out, at["log_betas"], true_logvar)
+        _, _, mean, logvar = self.p_step(out, xt, t, at)
+        true_mean, true_logvar = at["coef_x0"] * x0 + at["coef_xt"] * xt, at["post_logvar"]
         kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp()
                     + (true_mean - mean) ** 2 * (-logvar).exp())
-        nll = -discretized_log_likelihood(x0, mean, 0.5 * logvar)
+        # the decoder's: 8-bit bins of width 2/255, open-ended at -1 and 1, under the tanh
+        # approximation of the normal CDF (IDDPM)
+        cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+        inv, log = torch.exp(-0.5 * logvar), lambda p: p.clamp(min=1e-12).log()
+        upper, lower = cdf(inv * (x0 - mean + 1 / 255)), cdf(inv * (x0 - mean - 1 / 255))
+        nll = -torch.where(x0 < -0.999, log(upper),
+                           torch.where(x0 > 0.999, log(1 - lower), log(upper - lower)))
         per_sample = torch.where(t.view(-1, 1, 1, 1) == 0, nll, kl).flatten(1).mean(1) / math.log(2)
         return per_sample.mean()
 
     def respaced(self, steps):
-        """DiT's respacing (space_timesteps with one section): a stride of (T-1)/(steps-1)
-        accumulated in floating point and rounded half to even. Returns (timesteps, schedule
-        restricted to them)."""
+        """DiT's respacing (space_timesteps, one section): a stride of (T-1)/(steps-1) accumulated
+        in floating point, rounded half to even. Returns (timesteps, their schedule)."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
-        stride = (self.num_timesteps - 1) / (steps - 1) if steps > 1 else 1
-        taken, pos = set(), 0.0
-        for _ in range(steps):
-            taken.add(round(pos))
-            pos += stride
-        ts = np.array(sorted(taken))
+        stride = (self.num_timesteps - 1) / max(steps - 1, 1)
+        ts = np.array(sorted({round(p) for p in itertools.accumulate([stride] * (steps - 1),
+                                                                    initial=0.0)}))
         return ts, schedule(self.alphas_cumprod[ts])
 
     @torch.no_grad()
     def sample(self, model, y, steps=250, method="ddpm", cfg_scale=1.0, seed=0, first=0,
-               clip_x0=False, eta=0.0, on_step=None, variance="small", shape=None):
-        """Ancestral DDPM on respaced steps or DDIM (eta=0: deterministic) for labels y (B,).
-        Sample i draws its noise from a CPU generator seeded by (seed, first + i) alone: the same
-        image whatever the batch or process split. on_step(i, t, aux) is called after every model
-        evaluation (routing statistics). variance: DDPM's for a model without a learned one,
-        "small" (the posterior's) or "large" (beta_t, DiT's; S7 says why not). shape (C, H, W):
-        the model's by default."""
+               clip_x0=False, on_step=None, variance="small", shape=None):
+        """Ancestral DDPM or deterministic DDIM on respaced steps, for labels y (B,). Sample i draws
+        its noise from a CPU generator seeded by (seed, first + i) alone: the same image whatever
+        the batch or process split. on_step(i, t, aux) follows every model call (statistics).
+        variance: p_step's (S7 says why "small"). shape (C, H, W): the model's by default."""
         if method not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {method!r}")
         shape = shape or (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
-        dev, B, C = y.device, y.shape[0], shape[0]
+        dev, B = y.device, y.shape[0]
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + first + i) for i in range(B)]
         randn = lambda: torch.stack([torch.randn(*shape, generator=g) for g in gens]).to(dev)
         ts, sched = self.respaced(steps)
         x = randn()
         for i in reversed(range(len(ts))):
-            # float64 scalars of step i
-            at = {name: float(table[i]) for name, table in sched.items()}
-            ab, ab_prev = at["ab"], at["ab_prev"]
+            at = {name: float(table[i]) for name, table in sched.items()}  # float64 scalars
             t = torch.full((B,), int(ts[i]), device=dev, dtype=torch.long)
             if cfg_scale != 1:
                 out, aux = guided_forward(model, x, t, y, cfg_scale)
@@ -773,21 +702,9 @@ class Diffusion:
                 out, aux = model(x, t, y, return_aux=True)
             if on_step is not None:
                 on_step(i, int(ts[i]), aux)
-            out = out.float()
-            eps = self.eps_from(out[:, :C], x, t)
-            x0 = predict_x0(x, eps, at["sqrt_recip_ab"], at["sqrt_recipm1_ab"])
-            if clip_x0:
-                x0 = x0.clamp(-1, 1)
-                eps = (x - at["sqrt_ab"] * x0) / at["sqrt_1m_ab"]
+            eps, x0, mean, logvar = self.p_step(out.float(), x, t, at, clip_x0, variance)
             if method == "ddim":
-                sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-                x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - sigma ** 2) * eps
-                x = x + sigma * randn() if sigma > 0 else x
-                continue
-            logvar = torch.full_like(x, at["post_logvar" if variance == "small" else
-                                           "large_logvar"])
-            if out.shape[1] == 2 * C:
-                logvar = learned_logvar(out[:, C:], at["log_betas"], logvar)
-            noise = torch.exp(0.5 * logvar) * randn() if i > 0 else 0
-            x = posterior_mean(x0, x, at["coef_x0"], at["coef_xt"]) + noise
+                x = math.sqrt(at["ab_prev"]) * x0 + math.sqrt(1 - at["ab_prev"]) * eps
+            else:
+                x = mean + torch.exp(0.5 * logvar) * randn() if i > 0 else mean
         return x

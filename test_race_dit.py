@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 import race_dit as R
 from conftest import batch, randomize_zero_init, tiny
 from support.routing import ExpertsByTimestep, routing_stats
+from support.runs import count_params
 
 # --------------------------------------------------------------------------------------------------
 # Configurations and parameter counts (S1, S2)
@@ -20,7 +21,7 @@ from support.routing import ExpertsByTimestep, routing_stats
 def test_dit_xl2_parameter_count_is_exact():
     with torch.device("meta"):
         model = R.RaceDiT(R.make_config("XL/2", learn_sigma=True))
-    assert R.count_params(model) == (675_129_632, 675_129_632)
+    assert count_params(model) == (675_129_632, 675_129_632)
 
 
 @pytest.mark.parametrize("name,experts,total,activated", [
@@ -29,7 +30,7 @@ def test_dit_xl2_parameter_count_is_exact():
 def test_blocks_only_counts_match_paper_table4(name, experts, total, activated):
     with torch.device("meta"):
         model = R.RaceDiT(R.make_config(name, experts))
-    tot, act = R.count_params(model, blocks_only=True)
+    tot, act = count_params(model, blocks_only=True)
     # Table 4 rounds inconsistently (M/2 1.10658 -> 1.106, L/2 1.88849 -> 1.889): one unit in the
     # 3rd decimal.
     assert abs(tot / 1e9 - total) < 1e-3 and abs(act / 1e9 - activated) < 1e-3
@@ -38,7 +39,7 @@ def test_blocks_only_counts_match_paper_table4(name, experts, total, activated):
 def test_activated_count_is_router_plus_k_experts():
     cfg = R.make_config("B/2", "4in32")
     with torch.device("meta"):
-        tot, act = R.count_params(R.RaceDiT(cfg), blocks_only=True)
+        tot, act = count_params(R.RaceDiT(cfg), blocks_only=True)
     D, E, k = 768, 32, 4
     assert tot - act == 12 * (E - k) * 2 * D * (4 * D // k)
 
@@ -134,7 +135,7 @@ def test_pos_embed_layout_is_dits():
             np.testing.assert_allclose(emb[r * G + c].numpy(), want, atol=1e-6)
 
 
-@pytest.mark.parametrize("routing", R.ROUTINGS)
+@pytest.mark.parametrize("routing", R.CHOICES["routing"])
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_fresh_model_outputs_zeros(routing, learn_sigma):
     cfg = tiny(routing, learn_sigma=learn_sigma)
@@ -249,7 +250,7 @@ def reference_moe(layer, x):
 
 
 @pytest.mark.parametrize("routing", ["race", "token", "expert"])
-@pytest.mark.parametrize("gating", R.GATINGS)
+@pytest.mark.parametrize("gating", R.CHOICES["gating"])
 @pytest.mark.parametrize("training", [True, False])
 def test_dispatch_equals_an_independent_reference_forward_and_gradients(routing, gating, training,
                                                                       monkeypatch):
@@ -522,9 +523,27 @@ def test_plr_gradient_reaches_every_layers_router():
     x, t, y = batch(cfg)
     _, aux = model(x, t, y, return_aux=True)
     assert aux[0]["plr"].shape == x.shape                            # image layout, like the target
-    R.moe_losses(aux, torch.randn_like(x))["plr"].backward()
+    R.plr_loss(aux, torch.randn_like(x)).backward()
     for m in model.moe_layers():
         assert m.router[0].weight.grad.abs().sum() > 0 and m.plr_head.weight.grad.abs().sum() > 0
+
+
+def test_a_zero_initialised_plr_head_trains_itself_first():
+    """plr_init="zero": every head predicts 0 at first, so PLR's first gradient reaches the heads
+    but not the routers (the head's weights multiply the router's share); xavier reaches both."""
+    for init, router_touched in (("zero", False), ("xavier", True)):
+        model = R.RaceDiT(tiny("race", "2in8", depth=2, plr_init=init)).train()
+        x, t, y = batch(model.cfg)
+        _, aux = model(x, t, y, return_aux=True)
+        target = torch.randn_like(x)
+        loss = R.plr_loss(aux, target)
+        if init == "zero":
+            assert all((a["plr"] == 0).all() for a in aux)
+            torch.testing.assert_close(loss, (target ** 2).mean())
+        loss.backward()
+        for m in model.moe_layers():
+            assert m.plr_head.weight.grad.abs().sum() > 0
+            assert (m.router[0].weight.grad.abs().sum() > 0) == router_touched
 
 
 def test_loss_weights_zero_turn_terms_off():

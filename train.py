@@ -28,8 +28,8 @@ from support.evaluator import SUPPORTED as EVALUATED, Evaluator
 from support.pictures import plot_losses, save_grid
 from support.runs import (AT_LEAST_ZERO, DECAY, POSITIVE, POSITIVE_NUMBER, SEED, STEPS, WEIGHT,
                           WRITE_RATE, Diverged, Parser, UserError, autocast_for, check_resume,
-                          checkpoint_bytes, keep_metrics, load_checkpoint, locked, peak_memory_gib,
-                          require, restore, run_main, save_checkpoint)
+                          checkpoint_bytes, count_params, keep_metrics, load_checkpoint, locked,
+                          peak_memory_gib, require, restore, run_main, save_checkpoint)
 from support.routing import routing_stats
 
 
@@ -43,27 +43,25 @@ def parse_args(argv=None, prog="train.py"):
     a("--num-classes", type=POSITIVE, default=1000, help="for latents (ImageNet: 1000)")
     a("--model", default="XS/4", help="XS|S|B|M|L|XL / patch, e.g. B/2")
     a("--experts", default="2in8", help="k in E, e.g. 4in32")
-    a("--routing", default="race", choices=R.ROUTINGS)
-    a("--gating", default="identity", choices=R.GATINGS)
+    a("--routing", default="race", choices=R.CHOICES["routing"])
+    a("--gating", default="identity", choices=R.CHOICES["gating"])
     a("--granularity", type=AT_LEAST_ZERO, default=0, help="expert width = 4D / this (0: k)")
     a("--learn-sigma", default="auto", choices=["auto", "on", "off"],
       help="learned variance with DiT's hybrid loss; auto: on for latents, as DiT")
     a("--plr-weight", type=WEIGHT, default=0.1, help="per-layer regularization (S5)")
-    a("--plr-init", default="xavier", choices=R.PLR_INITS, help="the PLR heads' initialisation")
+    a("--plr-init", default="xavier", choices=R.CHOICES["plr_init"], help="PLR heads' init (S5)")
     a("--rsl-weight", type=WEIGHT, default=0.01, help="router similarity loss (S6)")
     a("--balance-weight", type=WEIGHT, default=0.0, help="switch balance loss (token-choice)")
     a("--threshold-decay", type=DECAY, default=0.99, help="EMA of the race cutoff (S4)")
-    a("--schedule", default="cosine", choices=R.SCHEDULES,
+    a("--schedule", default="cosine", choices=R.CHOICES["schedule"],
       help="noise schedule: cosine (IDDPM) or linear (paper / DiT)")
-    a("--loss-weight", default="min-snr", choices=R.LOSS_WEIGHTS,
+    a("--loss-weight", default="min-snr", choices=R.CHOICES["loss_weight"],
       help="weight of each timestep's MSE: min-snr (min(SNR, gamma) / SNR) or none (paper / DiT)")
     a("--min-snr-gamma", type=POSITIVE_NUMBER, default=5.0, help="gamma of --loss-weight min-snr")
-    a("--prediction", default="v", choices=R.PREDICTIONS,
+    a("--prediction", default="v", choices=R.CHOICES["prediction"],
       help="what the model predicts: v = sqrt(ab) eps - sqrt(1 - ab) x0, or eps (paper / DiT)")
     a("--lr", type=POSITIVE_NUMBER, default=2e-3, help="peak learning rate (paper: 1e-4)")
     a("--warmup", type=AT_LEAST_ZERO, default=0, help="linear learning-rate warm-up steps")
-    a("--lr-schedule", default="constant", choices=["constant", "cosine"],
-      help="after the warm-up: constant (DiT) or a cosine decay to 0 at --steps")
     a("--batch-size", type=POSITIVE, default=64, help="per process and micro-batch (paper: 256)")
     a("--grad-accum", type=POSITIVE, default=1, help="micro-batches per optimizer step")
     a("--recompute", action="store_true", help="recompute each block in backward: less memory")
@@ -101,9 +99,8 @@ def model_config(args, ds):
             "min_snr_gamma", "prediction", "plr_init")              # flags named as Config fields
     try:
         return R.make_config(args.model, None if args.routing == "dense" else args.experts,
-                             input_size=shape[-1], learn_sigma=learn_sigma,
-                             num_classes=ds.num_classes,
-                             in_channels=shape[0] // 2 if ds.latent else shape[0],
+                             input_size=shape[-1], in_channels=shape[0] // (1 + ds.latent),
+                             learn_sigma=learn_sigma, num_classes=ds.num_classes,
                              **{k: getattr(args, k) for k in same})
     except ValueError as e:
         raise UserError(e) from None
@@ -158,15 +155,13 @@ def accumulate(net, diffusion, micro, args, autocast):
 
 @torch.no_grad()
 def average_thresholds(model):
-    """Each process raced its own batch (S3, S4): average the thresholds so that all processes
-    agree."""
+    """Each process raced its own batch (S3, S4): every process takes the mean thresholds."""
     thresholds = [m.threshold for m in model.moe_layers()]
-    if not thresholds or not dist.is_initialized():
-        return
-    mean = torch.stack(thresholds)                                        # (layers,)
-    dist.all_reduce(mean)
-    for threshold, value in zip(thresholds, mean / dist.get_world_size()):
-        threshold.copy_(value)
+    if thresholds and dist.is_initialized():
+        mean = torch.stack(thresholds)                                    # (layers,)
+        dist.all_reduce(mean)
+        for threshold, value in zip(thresholds, mean / dist.get_world_size()):
+            threshold.copy_(value)
 
 
 @torch.no_grad()
@@ -177,19 +172,11 @@ def update_ema(ema, model, decay):
         e.lerp_(p, 1 - decay)
 
 
-def learning_rate(step, args):
-    """A linear warm-up, then constant (DiT) or a cosine decay to 0 at --steps."""
-    lr = args.lr * min(1.0, (step + 1) / (args.warmup + 1))
-    if args.lr_schedule == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
-    return lr
-
-
 def train_step(net, model, ema, opt, diffusion, micro, step, args, autocast):
     """One optimizer step: learning rate, forward and backward over the micro-batches, AdamW, the
     race thresholds averaged over processes, the EMA. Returns accumulate's (losses, aux)."""
-    for group in opt.param_groups:
-        group["lr"] = learning_rate(step, args)
+    for group in opt.param_groups:  # a linear warm-up, then constant (DiT)
+        group["lr"] = args.lr * min(1.0, (step + 1) / (args.warmup + 1))
     opt.zero_grad(set_to_none=True)
     losses, aux = accumulate(net, diffusion, micro, args, autocast)
     opt.step()
@@ -250,8 +237,7 @@ def sample_grid(ema, diffusion, path, args, ds, vae, evaluator, autocast, device
 
 def log_record(step, n, sums, aux, t, seconds, model, opt, args, rank, world, device):
     """Losses averaged over the n steps since the last record and over processes: a progress line
-    on rank 0 and the record for metrics.jsonl, with the routing statistics of the last micro-batch
-    (its timesteps t)."""
+    on rank 0 and the record for metrics.jsonl, with the last micro-batch's routing statistics."""
     names = sorted(sums)
     vals = torch.stack([sums[k] for k in names]) / n
     if world > 1:
@@ -262,10 +248,8 @@ def log_record(step, n, sums, aux, t, seconds, model, opt, args, rank, world, de
     eta, images = int((args.steps - step) / rate), rate * args.batch_size * args.grad_accum * world
     if rank == 0:
         print(f"step {step}/{args.steps} | " + " ".join(f"{k} {vals[k]:.4f}" for k in names)
-              + f" | {rate:.2f} steps/s {images:.0f} img/s"
-              + f" | peak mem {mem:.2f} GiB"
-              + f" | eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s",
-              flush=True)
+              + f" | {rate:.2f} steps/s {images:.0f} img/s | peak mem {mem:.2f} GiB"
+              + f" | eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s", flush=True)
     record = dict(step=step, **vals, lr=opt.param_groups[0]["lr"], steps_per_s=rate,
                   images_per_s=images, mem_gib=mem)
     if aux:
@@ -318,10 +302,10 @@ def train(args):
     if rank == 0:
         print(f"resumed {ckpt_path} at step {start}" if start else "", end="\n" if start else "")
         keep_metrics(metrics, start)
-        total, active = R.count_params(model)
-        print(f"{args.model} {cfg.routing} {'' if cfg.routing == 'dense' else args.experts} "
-              f"on {args.data} {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}: "
-              f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M activated; "
+        total, active = count_params(model)
+        size = f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}"
+        print(f"{args.model} {cfg.routing} {'' if cfg.routing == 'dense' else args.experts} on "
+              f"{args.data} {size}: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M activated; "
               f"{world} process(es) on {device}")
     diffusion = R.Diffusion.of(cfg)
     net = model
@@ -370,9 +354,8 @@ def train(args):
             scores = sample_grid(ema, diffusion, path, args, ds, vae, evaluator, autocast, device)
             record.update(scores, sample_seconds=time.time() - tock)
             if scores:
-                print(f"  samples of step {done}: class accuracy {scores['accuracy']:.3f}, "
-                      f"log p {scores['logp']:.3f}, KID {scores['kid']:.3f} "
-                      f"± {scores['kid_se']:.3f}")
+                print(f"  samples of step {done}: class accuracy {scores['accuracy']:.3f}, log p "
+                      f"{scores['logp']:.3f}, KID {scores['kid']:.3f} ± {scores['kid_se']:.3f}")
         if rank == 0:
             with open(metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -380,23 +363,17 @@ def train(args):
 
     if rank == 0:
         plot_losses(metrics, out / "loss.png")
-        print(f"done in {time.time() - started:.0f} s: {ckpt_path}, {out / 'samples'}, "
-              f"{out / 'loss.png'}")
+        print(f"done in {time.time() - started:.0f} s: {ckpt_path}, {out}/samples, {out}/loss.png")
     if world > 1:
         dist.destroy_process_group()
-
-
-def locked_train(args, rank):
-    # A second run on the same folder stops here; rank 0 alone writes, so it alone locks.
-    with locked(args.out) if rank == 0 else contextlib.nullcontext():
-        train(args)
 
 
 def main(argv=None):
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     prog = f"train.py (rank {rank})" if world > 1 else "train.py"
     args = parse_args(argv, prog)  # every flag checked here, before any work
-    run_main(prog, lambda: locked_train(args, rank))
+    # A second run on the same folder stops at the lock; rank 0 alone writes, so it alone locks.
+    run_main(prog, lambda: train(args), locked(args.out) if rank == 0 else None)
 
 
 if __name__ == "__main__":

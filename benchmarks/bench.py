@@ -34,7 +34,7 @@ import race_dit as R  # noqa: E402
 import train  # noqa: E402
 from support.routing import routing_stats  # noqa: E402
 from support.runs import (Parser, atomic_write, autocast_for, checkpoint_bytes,  # noqa: E402
-                          use_bf16)
+                          count_params, use_bf16)
 
 DEFAULT = "S/2:dense,S/2:race:2in8,S/2:race:4in16,S/2:race:8in32,S/2:token:2in8,S/2:expert:2in8"
 
@@ -269,7 +269,7 @@ def main(argv=None):
     print(f"{'model':26s} {'params':>9s} {'active':>9s} {'train ms':>9s} {'x base':>7s} "
           f"{'infer ms':>9s} {'x base':>7s} {'img/s tr':>9s} {'mem MB':>8s} {'exp/tok':>8s}")
     for s in specs:
-        total, active = R.count_params(models[s])
+        total, active = count_params(models[s])
         row = dict(model=s, params=total, activated=active, train_ms=1e3 * med[s]["train"],
                    infer_ms=1e3 * med[s]["infer"], train_ratio=med[s]["train"] / med[base]["train"],
                    infer_ratio=med[s]["infer"] / med[base]["infer"],

@@ -96,7 +96,7 @@ CLAIMS = [("Table 6: race beats token-choice", "race full recipe (+RSL)", "token
           ("Table 5: 8in128 beats 4in32", "race 8in128", "race 4in32")]
 # train.py's arguments that define a run's training (not its length: a longer run resumes)
 RECIPE = ("model", "experts", "routing", "gating", "granularity", "schedule", "loss_weight",
-          "min_snr_gamma", "prediction", "lr", "warmup", "lr_schedule", "batch_size", "ema_decay",
+          "min_snr_gamma", "prediction", "lr", "warmup", "batch_size", "ema_decay",
           "plr_weight", "plr_init", "rsl_weight", "balance_weight", "threshold_decay", "data",
           "image_size", "seed")
 CLASSES = 10                                    # of the shapes (and Fashion-MNIST) scored
@@ -391,9 +391,9 @@ def main(argv=None):
                     str(every["save"]), "--out", str(run), *flags]
             recipe = recipe_of(vars(train.parse_args(argv)))
             done = results.get(key, {})     # scored already, with these settings: kept
-            if (done.get("steps"), done.get("n"), done.get("sample_steps"), done.get("sampler"),
-                    done.get("recipe")) == (args.steps, CLASSES * args.samples_per_class,
-                                            args.sample_steps, "ddpm", recipe):
+            settings = (args.steps, CLASSES * args.samples_per_class, args.sample_steps, "ddpm")
+            if (done.get("steps"), done.get("n"), done.get("sample_steps"), done.get("sampler")) \
+                    == settings and recipe_of(done.get("recipe", {})) == recipe:
                 continue
             ckpt = load_checkpoint(run / "ckpt.pt") if (run / "ckpt.pt").exists() else None
             if ckpt is not None and recipe_of(ckpt["args"]) != recipe:

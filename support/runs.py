@@ -101,11 +101,12 @@ def write_failure(e):
     return WRITE_FAILURES.get(e.errno) if e is not None else None
 
 
-def run_main(prog, fn):
-    """Run fn(); a UserError, Diverged, WriteFailed or a write the disk refused becomes one line on
-    stderr and a non-zero exit."""
+def run_main(prog, fn, lock=None):
+    """Run fn(), within the context `lock` if given; a UserError, Diverged, WriteFailed or a write
+    the disk refused becomes one line on stderr and a non-zero exit."""
     try:
-        return fn()
+        with lock or contextlib.nullcontext():
+            return fn()
     except (UserError, Diverged, WriteFailed) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, Diverged) else 2)
@@ -299,3 +300,16 @@ def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def count_params(model, blocks_only=False):
+    """(total, activated) parameters used at inference; the training-only PLR heads are left out.
+    Activated counts one token's average use: the router and k experts, not E (S2, Table 4)."""
+    total = activated = 0
+    for name, p in (model.blocks if blocks_only else model).named_parameters():
+        if "plr_head" in name:
+            continue
+        total += p.numel()
+        expert = name.endswith((".w1", ".w2"))
+        activated += p.numel() * model.cfg.top_k // model.cfg.num_experts if expert else p.numel()
+    return total, activated
