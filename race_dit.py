@@ -273,9 +273,10 @@ class MoE(nn.Module):
         expert, token = pairs // N, pairs % N                             # (P,), (P,)
         ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
         # Dispatch: only the P selected pairs are computed; an expert may get any load, zero
-        # included. Gathered from x's dtype (fp32 under autocast), cast by grouped_matmul: backward
-        # adds a token's up to E gradients in fp32, as for one dense matmul's input.
-        tokens = xf.index_select(0, token)                                # (P, D)
+        # included. Gathered from x's dtype (fp32 under autocast), then cast at once (no fp32 copy
+        # of the P rows stays alive): backward adds a token's up to E gradients in fp32, as for
+        # one dense matmul's input.
+        tokens = xf.index_select(0, token).to(compute_dtype(xf))          # (P, D)
         hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
         out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
         # Each output weighed by its pair's score (S3).
@@ -298,13 +299,18 @@ def grouped_matmul(x, w, ends, grouped=None):
     every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a loop over
     experts. Autocast does not cover grouped_mm: x and w are cast here to autocast's dtype, as
     autocast casts an nn.Linear's input and weight."""
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    dtype = compute_dtype(x)
     x, w = x.to(dtype), w.to(dtype)
     if use_grouped_mm(x.device, dtype) if grouped is None else grouped:
         return F.grouped_mm(x, w, offs=ends.to(torch.int32))
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # the one host sync of this path
     return torch.cat([xe @ we for xe, we in zip(x.split(counts), w)])
+
+
+def compute_dtype(x):
+    """The dtype x's matmuls run in: autocast's where it is enabled on x's device, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def use_grouped_mm(device, dtype, capability=None, compiling=None):
@@ -540,7 +546,7 @@ def schedule(ab):
     # post_var is 0 at t = 0: DiT (IDDPM) takes its value at t = 1 there, for both variances
     clipped_log = lambda v: np.log(np.append(post_var[1], v[1:]) if len(ab) > 1 else betas)
     return dict(ab=ab, ab_prev=ab_prev, betas=betas, log_betas=np.log(betas),
-                post_logvar=clipped_log(post_var),              # "fixed small" (IDDPM), the default
+                small_logvar=clipped_log(post_var),   # the posterior's: "fixed small" (IDDPM)
                 large_logvar=clipped_log(betas),        # "fixed large": DiT's without learn_sigma
                 sqrt_ab=np.sqrt(ab), sqrt_1m_ab=np.sqrt(1 - ab),                       # q(x_t | x0)
                 sqrt_recip_ab=np.sqrt(1 / ab), sqrt_recipm1_ab=np.sqrt(1 / ab - 1),    # x0 from eps
@@ -607,10 +613,11 @@ class Diffusion:
             x0 = x0.clamp(-1, 1)
             eps = (xt - at["sqrt_ab"] * x0) / at["sqrt_1m_ab"]
         mean = at["coef_x0"] * x0 + at["coef_xt"] * xt
-        logvar = torch.zeros_like(xt) + at["post_logvar" if variance == "small" else "large_logvar"]
         if out.shape[1] == 2 * C:
             frac = (out[:, C:] + 1) / 2
-            logvar = frac * at["log_betas"] + (1 - frac) * at["post_logvar"]
+            logvar = frac * at["log_betas"] + (1 - frac) * at["small_logvar"]
+        else:                                                             # x's shape
+            logvar = torch.zeros_like(xt) + at[f"{variance}_logvar"]
         return eps, x0, mean, logvar
 
     def training_losses(self, model, x0, y, plr_weight=0.1, rsl_weight=0.01, balance_weight=0.0,
@@ -652,10 +659,10 @@ class Diffusion:
     def vb(self, out, x0, xt, t):
         """The variational bound's term in bits per dimension, averaged (DiT, IDDPM): KL(q(x_{t-1} |
         x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0 at t = 0."""
-        names = "sqrt_recip_ab", "sqrt_recipm1_ab", "coef_x0", "coef_xt", "post_logvar", "log_betas"
-        at = {name: self._at(name, t, xt) for name in names}              # each (B, 1, 1, 1)
+        at = {name: self._at(name, t, xt) for name in ("sqrt_recip_ab", "sqrt_recipm1_ab",
+              "coef_x0", "coef_xt", "small_logvar", "log_betas")}        # each (B, 1, 1, 1)
         _, _, mean, logvar = self.p_step(out, xt, t, at)
-        true_mean, true_logvar = at["coef_x0"] * x0 + at["coef_xt"] * xt, at["post_logvar"]
+        true_mean, true_logvar = at["coef_x0"] * x0 + at["coef_xt"] * xt, at["small_logvar"]
         kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp()
                     + (true_mean - mean) ** 2 * (-logvar).exp())
         # the decoder's: 8-bit bins of width 2/255, open-ended at -1 and 1, under the tanh

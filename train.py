@@ -138,7 +138,7 @@ def accumulate(net, diffusion, micro, args, autocast):
     dense model the gradients equal those of one batch holding all of them. Expert Race runs one
     race per micro-batch (as every DDP process does), so K = B_micro * L * k. DDP syncs on the last
     one only. Returns the losses averaged over micro-batches (detached) and the last micro-batch's
-    MoE aux."""
+    selection masks: all the logs need (logits and PLR maps would stay alive to the next step)."""
     sums = {}
     for i, (x0, y, t, noise) in enumerate(micro):
         last = i == len(micro) - 1
@@ -150,7 +150,7 @@ def accumulate(net, diffusion, micro, args, autocast):
                                                         t=t, noise=noise)
             (losses["loss"] / len(micro)).backward()
         sums = {k: sums.get(k, 0) + v.detach().float() / len(micro) for k, v in losses.items()}
-    return sums, aux
+    return sums, [dict(mask=a["mask"]) for a in aux]
 
 
 @torch.no_grad()

@@ -96,7 +96,7 @@ def step_memory(spec, args, batch, recompute, fake=True):
     EMA) at this micro-batch in bf16 autocast with learned sigma, counted by LiveBytes on
     FakeTensors, which allocate nothing (fake=False: on real CPU tensors, for the test). Returns
     the bytes alive between steps and the peak of the second step (the first creates AdamW's
-    state; the first step's losses and routing aux stay alive across it, as in train.py's loop)."""
+    state; the first step's losses and selection masks stay alive across it, as in train.py)."""
     name, routing, *experts = spec.split(":")
     targs = train.parse_args(["--model", name, "--routing", routing, "--batch-size", str(batch),
                               *(["--experts", experts[0]] if experts else []),

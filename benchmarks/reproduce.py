@@ -1,28 +1,33 @@
 """
-The paper's comparisons at small scale, over seeds: does Expert Race beat dense, token-choice and
-expert-choice at equal activated compute, each with its usual recipe and with the same gating and
-auxiliary losses (Table 6); does each step of the ablation help (Table 3); does PLR help where its
-motivation applies, in a deep narrow model (S5); does the race give more experts to the tokens
-that carry the object (S3)?
+The paper's comparisons at small scale, over paired seeds: does Expert Race beat dense, token-choice
+and expert-choice at equal activated compute, each with its usual recipe and with the same gating
+and auxiliary losses (Table 6); does each step of the ablation help (Table 3); does a finer
+granularity help at equal activated compute (Table 5); does PLR help where its motivation applies,
+a deep narrow model (S5), and with which weight and head initialisation; does the race give more
+experts to the tokens that carry the object (S3)?
 
-    python benchmarks/reproduce.py          # 8 methods x 8 seeds; results in benchmarks/results
-    python benchmarks/reproduce.py --methods "deep race -PLR,deep race +PLR"   # S5's pair, added
-    python benchmarks/reproduce.py --steps 1600 --out DIR --runs DIR2 --methods "race identity \
-        +threshold,race +threshold +PLR"   # PLR at the default run's length
+    python benchmarks/reproduce.py          # Tables 6, 4, 3: 8 methods x 8 seeds
+    python benchmarks/reproduce.py --seeds 4 --methods "race 1in4,race 4in32,race 8in128"  # Table 5
+    python benchmarks/reproduce.py --seeds 4 --methods "deep race -PLR,deep race +PLR,deep race \
+        PLR summed zero-init,race PLR summed zero-init"              # S5's deep pair, PLR's setting
     python benchmarks/reproduce.py --quick  # a smoke run: a few steps each, in a temporary folder
 
-Every run uses train.py's default recipe (built-in 16x16 shapes, XS/4, batch 64, its diffusion),
-the same budget and seeds 0..N-1; every MoE is 2in8 with granularity 2, so its activated compute
-equals the dense MLP's. Per run: held-out epsilon-MSE on the test split at fixed (noise, timestep)
-per image, overall and by timestep; support/evaluator.py's class accuracy, log-probability of the
-class asked for and KID of --samples-per-class samples per class (DDIM, guidance 2); MaxVio and
-combination usage (Table 2) from the last training logs; experts per token by sampling timestep
-(Fig. 6) and against the object's share of each patch; for the deep pair, each block's
-contribution relative to the residual stream. Each claim and metric gets a paired t-test over
-seeds (the runs of one seed share initial weights, data order, t and noise), Holm-corrected over
-the table: supports, contradicts, or no detectable effect with the smallest effect the seeds could
-have detected. Runs go seed by seed; a score made with the same --steps, --samples-per-class and
---sample-steps is kept, others are computed again from their checkpoints; interrupted runs resume.
+Every run is train.py with its default recipe (built-in 16x16 shapes, XS/4, batch 64, cosine
+schedule, min-SNR-5, v-prediction, lr 2e-3) and the method's flags, for --steps (600: the full
+recipe's samples are about 3/4 shape-correct), seeds 0..N-1; every MoE but Table 5's is 2in8 with
+granularity 2, so its activated compute equals the dense MLP's. Per run: held-out epsilon-MSE on
+the test split at fixed (noise, timestep) per image, overall and by timestep; support/evaluator.py's
+class accuracy, log-probability of the class asked for and KID of --samples-per-class samples per
+class (train.py's grid sampler: DDPM, guidance 2); MaxVio and combination usage (Table 2) from the
+last training logs; experts per token by sampling timestep (Fig. 6) and against the object's share
+of each patch; for the deep models, each block's contribution to the residual stream. Each claim
+and metric gets a paired t-test over the seeds both methods have (the runs of one seed share initial
+weights, data order, t and noise), Holm-corrected over the table: supports, contradicts, or no
+detectable effect with the smallest effect the seeds could have detected. Runs go seed by seed; a
+score made with the same recipe, --steps, --samples-per-class and sampler is kept, others are
+computed again from their checkpoints; interrupted runs resume. Every method with two seeds or more
+in results.json is judged; summary.json and summary.md (the tables of benchmarks/README.md) hold the
+verdicts.
 """
 import json
 import math
@@ -316,6 +321,36 @@ def describe(v):
     return f"{v['verdict']} ({effect})"
 
 
+def markdown(results, table, claims, critical):
+    """The tables of benchmarks/README.md, from results.json and the verdicts: per method the mean
+    ± standard deviation over its seeds (the routing columns: means), the claims, the slopes."""
+    lines = ["| method | seeds | shape-correct ↑ | log p ↑ | KID ↓ | held-out ε-MSE ↓ | MaxVio | "
+             "comb. usage % | experts/token (sampling) | experts per object fraction |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    mean = lambda runs, get, form: format(np.mean([get(r) for r in runs]), form) \
+        if all(get(r) is not None for r in runs) else "–"
+    for n, row in table.items():
+        runs = [results[f"{n} / seed {s}"] for s in range(row["seeds"])]
+        cells = [f"{row[k][0]:.4g} ± {row[k][1]:.2g}" if k in row else "–" for k in METRICS]
+        cells += [mean(runs, lambda r: r.get("max_vio"), ".2f"),          # routed models only
+                  mean(runs, lambda r: r.get("comb_usage"), ".0f"),
+                  mean(runs, lambda r: r.get("overall"), ".2f"),         # masks of the shapes only
+                  mean(runs, lambda r: r.get("experts_by_object", {}).get("slope"), "+.3f")]
+        lines.append(f"| {n} | {row['seeds']} | " + " | ".join(cells) + " |")
+    bold = lambda text: text.replace("contradicts", "**contradicts**").replace(
+        "supports", "**supports**")
+    lines += ["", "| claim | seeds | " + " | ".join(METRICS) + " |",
+              "| --- | ---: |" + " --- |" * len(METRICS)]
+    for c in claims:
+        seeds = next(c[k]["df"] + 1 for k in METRICS if k in c)
+        lines.append(f"| {c['claim']} | {seeds} | "
+                     + " | ".join(bold(describe(c[k])) if k in c else "–" for k in METRICS) + " |")
+    lines.append("")
+    lines += [f"- {n}: {bold(describe(v))}; per seed " + ", ".join(f"{x:+.3f}" for x in v["slopes"])
+              for n, v in critical.items()]
+    return "\n".join(lines) + "\n"
+
+
 def charts(results, names, out):
     curves = lambda n: [[v for _, v in results[f"{n} / seed {s}"]["curve"]]
                         for s in range(seeds_of(results, n))]
@@ -324,7 +359,7 @@ def charts(results, names, out):
     # each seed
     series += [(steps, c, COLOURS[i % 10], 1) for i, n in enumerate(names) for c in curves(n)]
     line_chart(series, out / "loss_curves.png",
-               "training epsilon-MSE: mean over seeds (thick), each seed", "step", log_y=True,
+               "training MSE of the target: mean over seeds (thick), each seed", "step", log_y=True,
                size=(900, 480), legend=[(n, c) for n, (*_, c, _) in zip(names, series)])
     race = results.get("race full recipe (+RSL) / seed 0", {})
     if "per_layer" in race:
@@ -344,11 +379,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--samples-per-class", type=int, default=50)
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the scored samples")
-    p.add_argument("--methods", default=",".join(m for m in METHODS if not m.startswith("deep")),
-                   help="comma list of: " + ", ".join(METHODS) + " (default: all but the deep "
-                        "pair, whose runs take 1.7x as long: --methods 'deep race -PLR,deep race "
-                        "+PLR')")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for the scored samples")
+    p.add_argument("--methods", default=",".join(list(METHODS)[:8]),
+                   help="comma list of: " + ", ".join(METHODS) + " (default: the first 8, "
+                        "Tables 6, 4 and 3)")
     p.add_argument("--data", default="shapes",
                    help="shapes or fashion-mnist (with --image-size 28)")
     p.add_argument("--image-size", type=int, default=16)
@@ -421,6 +455,8 @@ def main(argv=None):
                    critical_tokens=critical)
     atomic_write(out / "summary.json",
                  lambda tmp_path: tmp_path.write_text(json.dumps(summary, indent=1)))
+    text = markdown(results, table, claims, critical)
+    atomic_write(out / "summary.md", lambda tmp_path: tmp_path.write_text(text))
     for name, row in table.items():
         print(f"{name:28s} {row['seeds']} seeds " + "  ".join(
             f"{k} {v[0]:.4f} ± {v[1]:.4f}" for k, v in row.items() if k != "seeds"))
@@ -429,8 +465,8 @@ def main(argv=None):
     for n, v in critical.items():
         print(f"experts per unit object fraction, {n}: {describe(v)}")
     charts(results, names, out)
-    print(f"wrote {results_path}, {out / 'summary.json'} and charts in {out} "
-          f"({time.time() - tick:.0f} s)")
+    print(f"wrote {results_path}, {out / 'summary.json'}, {out / 'summary.md'} and charts in "
+          f"{out} ({time.time() - tick:.0f} s)")
     if tmp is not None:
         shutil.rmtree(tmp)
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import race_dit as R  # noqa: E402
 import train  # noqa: E402
 from support.data import BatchOrder, load_data  # noqa: E402
-from support.runs import Parser, atomic_write, autocast_for  # noqa: E402
+from support.runs import Parser, atomic_write, autocast_for, peak_memory_gib  # noqa: E402
 
 
 def rss_mib():
@@ -28,7 +28,7 @@ def rss_mib():
         pages = int(Path("/proc/self/statm").read_text().split()[1])
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
-        return train.peak_memory_gib(torch.device("cpu")) * 1024
+        return peak_memory_gib(torch.device("cpu")) * 1024
 
 
 def autograd_nodes(tensors):

@@ -1,5 +1,5 @@
 """
-Data sources for train.py and evaluate.py, and the maps between data and model space
+Data sources for train.py and tools/evaluate.py, and the maps between data and model space
 (to_model_input, to_uint8, the VAE of latent data). Each source is a Dataset of (uint8 image
 (C, H, W) or float latent moments, label) with `num_classes` from the dataset's definition, checked
 in full when it is loaded: every file's header and every label, so that a bad file is reported
@@ -10,7 +10,7 @@ before training starts.
     fashion-mnist   idx .gz files
     a folder path   one subfolder per class, ADM-style center crop
     latents         DiT-style VAE latents: moments.npy and labels.npy
-                    (extract_latents.py writes them)
+                    (tools/extract_latents.py writes them)
 """
 import gzip
 import hashlib
@@ -242,7 +242,8 @@ def load_latents(root, num_classes):
     image and its horizontal flip, memory-mapped; labels.npy int (N,)."""
     root = Path(root)
     if not (root / "moments.npy").is_file() or not (root / "labels.npy").is_file():
-        raise UserError(f"no moments.npy and labels.npy in {root}; extract_latents.py writes them")
+        raise UserError(f"no moments.npy and labels.npy in {root}; "
+                        "tools/extract_latents.py writes them")
     moments = np.load(root / "moments.npy", mmap_mode="r")
     if (moments.ndim != 5 or moments.shape[1] != 2 or moments.shape[2] % 2
             or moments.dtype.kind != "f"):

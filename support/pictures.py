@@ -62,12 +62,13 @@ def line_chart(series, path, title, xlabel, size=(720, 420), pad=56, hline=None,
 
 
 def plot_losses(metrics, path):
-    """The loss curve of a run from its metrics.jsonl (total and epsilon-MSE, log scale)."""
+    """The loss curve of a run from its metrics.jsonl (total and the target's MSE, log scale)."""
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     steps = [r["step"] for r in records]
     line_chart([(steps, [r["loss"] for r in records], (30, 30, 30), 2),
                 (steps, [r["mse"] for r in records], (40, 110, 240), 2)],
-               path, "training loss (black: total, blue: epsilon MSE)", "step", log_y=True)
+               path, "training loss (black: total, blue: MSE of the target, eps or v)", "step",
+               log_y=True)
 
 
 def experts_chart(stats, path, k):

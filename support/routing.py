@@ -1,8 +1,8 @@
 """
 Routing statistics of a Race-DiT: what the MoE layers' selections (the `mask` of each layer's aux,
 (B, L, E)) say about where compute goes. They measure a model rather than define it, so they live
-here, beside race_dit.py: train.py logs them, sample.py draws them (Fig. 6, routing maps), the
-benchmarks compare them.
+in support/, not in race_dit.py: train.py logs them, sample.py draws them (Fig. 6, routing maps),
+the benchmarks compare them.
 """
 import torch
 

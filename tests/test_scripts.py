@@ -945,6 +945,8 @@ def test_reproduce_quick_runs_every_step_and_resumes(tmp_path, capsys, monkeypat
     assert critical["race identity"]["slopes"] == [results[f"race identity / seed {s}"][
         "experts_by_object"]["slope"] for s in (0, 1)]
     assert len(results["race identity / seed 0"]["heldout_mse_by_t"]) == 5
+    table = (tmp_path / "res" / "summary.md").read_text()                  # benchmarks/README's
+    assert "| race identity | 2 | " in table and "| Table 3: threshold beats batch top-K" in table
     # A rerun after an interruption: one score lost, another scored with other sampling settings,
     # every checkpoint on disk. Nothing is retrained; both are scored again from their checkpoints.
     lost = results.pop("race identity +threshold / seed 1")
