@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import race_dit as R
-from support.data import LATENT_SCALE, load_data, load_vae, to_model_input, to_uint8
+from support.data import LATENT_SCALE, first_examples, load_data, load_vae, to_model_input, to_uint8
 from support.pictures import experts_chart, routing_map, save_grid
 from support.routing import ExpertsByTimestep, experts_per_token_at
 from support.runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, UserError, atomic_write,
@@ -72,10 +72,9 @@ def training_batch_map(path, model, diffusion, autocast, ckpt, n, timesteps, vae
         return print(f"note: no training-batch routing map ({e})")
     if ds.latent and vae is None:
         return print("note: no training-batch routing map (latents need the VAE to be shown)")
-    items = [ds[i] for i in range(min(n, len(ds)))]
+    x, y = first_examples(ds, n, device)
     torch.manual_seed(args.seed)                   # to_model_input's flips (latents: posterior)
-    x0 = to_model_input(torch.stack([x for x, _ in items]).to(device), ds)
-    y = torch.tensor([label for _, label in items], device=device)
+    x0 = to_model_input(x, ds)
     g, bs = torch.Generator().manual_seed(args.seed), args.batch_size
     with autocast():
         maps = torch.cat([experts_per_token_at(model, diffusion, xb, yb, timesteps, g)

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 import race_dit as R
-from support.data import LATENT_SCALE, BatchOrder, load_data, load_vae, to_model_input, to_uint8
+from support.data import (LATENT_SCALE, BatchOrder, first_examples, load_data, load_vae,
+                          to_model_input, to_uint8)
 from support.evaluator import SUPPORTED as EVALUATED, Evaluator
 from support.pictures import plot_losses, save_grid
 from support.runs import (AT_LEAST_ZERO, DECAY, POSITIVE, POSITIVE_NUMBER, SEED, STEPS, WEIGHT,
@@ -193,9 +194,7 @@ def calibrate_ema(ema, diffusion, ds, batch_size, seed, autocast, device):
     """S4: the EMA's thresholds from its own cutoffs on the data set's first examples (up to 4
     batches), on a forked RNG stream, so that saving or sampling never changes the run's random
     numbers."""
-    n = min(len(ds), 4 * batch_size)
-    x = torch.stack([ds[i][0] for i in range(n)]).to(device)
-    y = torch.tensor([ds[i][1] for i in range(n)], device=device)
+    x, y = first_examples(ds, 4 * batch_size, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
         torch.manual_seed(seed)
         batches = [(to_model_input(xb, ds), yb) for xb, yb in zip(x.split(batch_size),

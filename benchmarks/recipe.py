@@ -29,10 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import race_dit as R  # noqa: E402
 import train  # noqa: E402
-from support.data import to_uint8  # noqa: E402
-from support.evaluator import Evaluator  # noqa: E402
+from support.evaluator import Evaluator, samples_per_class  # noqa: E402
 from benchmarks.reproduce import judge, paired_test  # noqa: E402
 from support.pictures import save_grid  # noqa: E402
 from support.runs import Parser, atomic_write, load_checkpoint, load_model  # noqa: E402
@@ -81,14 +79,11 @@ def score(ckpt_path, sampler, evaluator, per_class):
     """Scores of the samples, per_class per class, seeded as train.py's grids (seed 0)."""
     method, steps, guidance, variance, weights = SAMPLERS[sampler]
     model, ckpt = load_model(ckpt_path, online=weights == "online")
-    labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)
     tick = time.time()
-    images = np.concatenate([
-        to_uint8(R.Diffusion.of(model.cfg).sample(model, labels[i:i + 250], steps, method, guidance,
-                                                  first=i, clip_x0=True, variance=variance))
-        for i in range(0, len(labels), 250)])
+    images, labels = samples_per_class(model, per_class, steps, method=method, cfg_scale=guidance,
+                                       variance=variance)
     return dict(step=ckpt["step"], per_class=per_class, sample_seconds=time.time() - tick,
-                **evaluator.score(images, labels.numpy())), images
+                **evaluator.score(images, labels)), images
 
 
 def run(name, seed, runs, args):

@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import race_dit as R  # noqa: E402
 import train  # noqa: E402
-from support.data import load_data, to_uint8  # noqa: E402
-from support.evaluator import Evaluator  # noqa: E402
+from support.data import load_data, to_unit  # noqa: E402
+from support.evaluator import Evaluator, samples_per_class  # noqa: E402
 from support.pictures import experts_chart, line_chart, save_grid  # noqa: E402
 from support.runs import Parser, atomic_write, load_checkpoint, load_model  # noqa: E402
 from support.routing import ExpertsByTimestep, experts_per_token_at  # noqa: E402
@@ -156,7 +156,7 @@ def experts_by_object(model, test, timesteps=(100, 300, 500, 700, 900), n=500):
     patch the object covers (exact masks of the built-in shapes), within each (position,
     timestep) cell, so that neither where a patch sits nor the noise level can make the slope."""
     p, d, n = model.cfg.patch_size, R.Diffusion.of(model.cfg), min(n, len(test.y))
-    x = torch.from_numpy(np.array(test.x[:n])).float() / 127.5 - 1
+    x = to_unit(torch.from_numpy(np.array(test.x[:n])))
     y = torch.from_numpy(test.y[:n])
     masks = torch.from_numpy(test.masks[:n]).float()[:, None]             # (n, 1, S, S)
     fraction = F.avg_pool2d(masks, p).flatten(1).numpy()                  # (n, L)
@@ -174,7 +174,7 @@ def score(ckpt_path, select_by, test, evaluator, args):
     R.set_select_by(model, select_by)
     d = R.Diffusion.of(model.cfg)
     g = torch.Generator().manual_seed(1234)                           # the same noise for every run
-    x = torch.from_numpy(np.array(test.x)).float() / 127.5 - 1
+    x = to_unit(torch.from_numpy(np.array(test.x)))
     y = torch.from_numpy(test.y)
     t, noise = torch.randint(0, 1000, (len(x),), generator=g), torch.randn(x.shape, generator=g)
     C = x.shape[1]                                 # the epsilon channels (not a learned variance)
@@ -183,26 +183,23 @@ def score(ckpt_path, select_by, test, evaluator, args):
                      for xb, yb, tb, nb in zip(x.split(500), y.split(500), t.split(500),
                                                noise.split(500))])                 # (N,) per image
     bins = t * MSE_BINS // d.num_timesteps                            # (N,) in 0..MSE_BINS-1
-    labels = torch.arange(CLASSES).repeat_interleave(args.samples_per_class)
     stats = ExpertsByTimestep()
-    images = np.concatenate([
-        to_uint8(d.sample(model, labels[i:i + 250], args.sample_steps, "ddpm", 2.0, first=i,
-                          clip_x0=True, on_step=stats))                  # train.py's grids' sampler
-        for i in range(0, len(labels), 250)])
+    images, labels = samples_per_class(model, args.samples_per_class, args.sample_steps,
+                                       method="ddpm", cfg_scale=2.0, on_step=stats)  # train.py's
     records = [json.loads(line) for line in open(Path(ckpt_path).parent / "metrics.jsonl")]
     out = dict(heldout_mse=mse.mean().item(), steps=ckpt["step"], sample_steps=args.sample_steps,
                sampler="ddpm",
                heldout_mse_by_t=[mse[bins == b].mean().item() for b in range(MSE_BINS)],
                select_by=select_by,
                curve=[(r["step"], r["mse"]) for r in records],
-               **evaluator.score(images, labels.numpy()),
+               **evaluator.score(images, labels),
                contributions=block_contributions(model, x[:256], y[:256], d))
     if model.cfg.routing != "dense" and hasattr(test, "masks"):
         out["experts_by_object"] = experts_by_object(model, test, n=50 if args.quick else 500)
     if stats.sums:
         out.update(stats.result(), max_vio=float(np.mean([r["max_vio"] for r in records[-5:]])),
                    comb_usage=float(np.mean([r["comb_usage"] for r in records[-5:]])))
-    grid = np.concatenate([images[labels.numpy() == c][:10] for c in range(CLASSES)])
+    grid = np.concatenate([images[labels == c][:10] for c in range(CLASSES)])
     return out, grid
 
 

@@ -273,6 +273,18 @@ def load_data(data, data_dir="data", image_size=32, split="train", num_classes=1
         raise UserError(f"could not read {data} data from {data_dir}: {e}") from None
 
 
+def to_unit(x):
+    """uint8 images (B, C, H, W) -> float in [-1, 1], the model's scale."""
+    return x.float() / 127.5 - 1
+
+
+def first_examples(ds, n, device):
+    """The data set's first n examples (all, if fewer), stacked on the device: raw x and labels."""
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return (torch.stack([x for x, _ in items]).to(device),
+            torch.tensor([y for _, y in items], device=device))
+
+
 def to_model_input(x, ds):
     """A raw batch on its device -> x0 on the model's scale: images to [-1, 1] with random
     horizontal flips; latents: pick the image or its flip, sample the VAE posterior, scale by
@@ -283,7 +295,7 @@ def to_model_input(x, ds):
         x = torch.where(pick == 1, x[:, 1], x[:, 0]).float()             # (B, 2C, h, w)
         mean, logvar = x.chunk(2, dim=1)
         return (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * LATENT_SCALE
-    x = x.float() / 127.5 - 1
+    x = to_unit(x)
     return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(-1), x)
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support.data import load_data, make_shapes
+import race_dit as R
+from support.data import load_data, make_shapes, to_uint8, to_unit
 from support.runs import atomic_write, require
 
 SUPPORTED = ("shapes", "cifar10", "fashion-mnist")
@@ -41,7 +42,7 @@ class Classifier(nn.Module):
         self.head = nn.Linear(64, num_classes)
 
     def forward(self, x):  # uint8 (B, C, H, W) -> features (B, 64), logits (B, classes)
-        f = self.body(x.float() / 127.5 - 1)
+        f = self.body(to_unit(x))
         return f, self.head(f)
 
 
@@ -148,3 +149,15 @@ class Evaluator:
         return dict(accuracy=float((logits.argmax(1) == labels).mean()), logp=float(logp.mean()),
                     kid=kid(feats, self.ref), kid_se=se, n=len(x),
                     classifier_test_accuracy=self.test_accuracy, **self.probes)
+
+
+@torch.no_grad()
+def samples_per_class(model, per_class, steps, batch_size=250, **sample_args):
+    """per_class samples of every class, in class order, by the model's own diffusion in batches
+    (a sample's noise depends on its index alone, not on the batch) -> (uint8 images, labels)."""
+    labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)
+    d = R.Diffusion.of(model.cfg)
+    images = np.concatenate([to_uint8(d.sample(model, labels[i:i + batch_size], steps, first=i,
+                                               clip_x0=True, **sample_args))
+                             for i in range(0, len(labels), batch_size)])
+    return images, labels.numpy()

@@ -10,13 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import race_dit as R  # noqa: E402
-from support.data import to_uint8  # noqa: E402
-from support.evaluator import Evaluator  # noqa: E402
+from support.evaluator import Evaluator, samples_per_class  # noqa: E402
 from support.pictures import save_grid  # noqa: E402
 from support.runs import (POSITIVE, SEED, STEPS, WEIGHT, Parser, atomic_write,  # noqa: E402
                           load_model, run_main, writable_folder)
@@ -47,18 +42,13 @@ def evaluate(args):
     steps = args.steps or run["sample_steps"]                             # the run's were checked
     cfg_scale = run["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
     evaluator = Evaluator(run["data"], run["data_dir"], run["image_size"], args.classifier_seed)
-    labels = torch.arange(model.cfg.num_classes).repeat_interleave(args.per_class)
-    tick, images = time.time(), []
-    for s in range(0, len(labels), args.batch_size):
-        y = labels[s:s + args.batch_size]
-        x = R.Diffusion.of(model.cfg).sample(model, y, steps, cfg_scale=cfg_scale, seed=args.seed,
-                                             first=s, clip_x0=True)
-        images.append(to_uint8(x))
-    images = np.concatenate(images)
+    tick = time.time()
+    images, labels = samples_per_class(model, args.per_class, steps, args.batch_size,
+                                       cfg_scale=cfg_scale, seed=args.seed)
     scores = dict(ckpt=str(args.ckpt), step=ckpt["step"], steps=steps, cfg_scale=cfg_scale,
                   seed=args.seed, classifier_seed=args.classifier_seed,
                   sample_seconds=time.time() - tick,
-                  **evaluator.score(images, labels.numpy()))
+                  **evaluator.score(images, labels))
     print(json.dumps(scores, indent=1))
     if args.json:
         atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(scores, indent=1)))

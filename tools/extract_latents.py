@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from support.data import FolderDataset, load_vae  # noqa: E402
+from support.data import FolderDataset, load_vae, to_unit  # noqa: E402
 from support.runs import Parser, atomic_write, require, run_main  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def extract_latents(folder, out_dir, image_size, encode, device, batch=64, worke
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
     try:
         for i, (x, _) in enumerate(loader):
-            x = x.to(device).float() / 127.5 - 1
+            x = to_unit(x.to(device))
             # (B,2,2C,h,w)
             both = torch.stack([torch.cat(encode(v), dim=1) for v in (x, x.flip(-1))], dim=1)
             if moments is None:
