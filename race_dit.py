@@ -22,8 +22,8 @@ if not hasattr(F, "grouped_mm"):  # the floor in requirements.txt
 # --------------------------------------------------------------------------------------------------
 # Configuration
 
-# name -> (depth, hidden size, heads): S from DiT, B/M/L/XL from the paper's Table 4 (S1); XS for
-# CPU runs and tests; XSD, XS's compute at three times its depth (the PLR test, S5).
+# name -> (depth, width, heads): S is DiT's, B..XL the paper's (S1); XS for CPUs; XSD: XS's compute
+# at three times its depth (S5)
 SIZES = {"XS": (6, 192, 3), "XSD": (18, 112, 2), "S": (12, 384, 6), "B": (12, 768, 12),
          "M": (16, 960, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 # Config field -> its allowed values (the first: the Config default)
@@ -72,8 +72,7 @@ class Config:
         need(self.hidden_size % self.num_heads == 0, "hidden size must be divisible by the heads")
         if self.routing != "dense":
             E, k = self.num_experts, self.top_k
-            need(1 <= k <= E,
-                 f"top-k must be between 1 and the number of experts: got k={k}, E={E}")
+            need(1 <= k <= E, f"top-k must be between 1 and the number of experts (k={k}, E={E})")
             self.granularity = self.granularity or k
             width = int(self.mlp_ratio * self.hidden_size)
             need(self.mlp_hidden * self.granularity == width,
@@ -217,8 +216,7 @@ class MoE(nn.Module):
         self.capacity, self.decay = cfg.capacity, cfg.threshold_decay
         self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))  # h = GELU(Wx)
         self.scorer = nn.Linear(D, E)                                           # logits = scorer(h)
-        # S5: predicts the diffusion target (patchified) from h; C channels, not C_out: a
-        # learned-sigma model has no target for its variance channels.
+        # S5: predicts the diffusion target (patchified) from h; C channels: no learned variance
         self.plr_head = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
         bound = math.sqrt(6 / (D + H))  # xavier-uniform per expert, like the dense MLP's fc1/fc2
         self.w1 = nn.Parameter(torch.empty(E, D, H).uniform_(-bound, bound))
@@ -341,8 +339,7 @@ def update_threshold(layer, cutoff):
 
 
 def set_select_by(model, mode):
-    """How the race layers select at inference: "threshold" (S4) or "topk" (the batch's top-K, as
-    in training; for comparison)."""
+    """How race layers select at inference: "threshold" (S4) or "topk" (the batch's, as trained)."""
     if mode not in ("threshold", "topk"):
         raise ValueError(f"select_by must be 'threshold' or 'topk', got {mode!r}")
     for m in model.moe_layers():
@@ -528,9 +525,7 @@ def balance_loss(logits, mask):
 
 def alphas_cumprod(name, T=1000):
     """Alpha-bar at t = 0..T-1, float64 (S7). linear: DiT's betas, 1e-4..0.02. cosine: IDDPM's
-    f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, each beta clipped at 0.999.
-    At 16x16 linear spends half its steps at an SNR below 0.1 (the image nearly gone), cosine a
-    fifth."""
+    f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, each beta clipped at 0.999."""
     if name == "linear":
         return np.cumprod(1 - np.linspace(1e-4, 0.02, T, dtype=np.float64))
     f = np.cos((np.arange(T + 1, dtype=np.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -561,16 +556,14 @@ class Diffusion:
     Diffusion.of(cfg) is the one a model was trained with."""
 
     def __init__(self, schedule_name="linear", loss_weight="none", min_snr_gamma=5.0,
-                 prediction="eps", num_timesteps=1000):
+                 prediction="eps"):
         Config(routing="dense", schedule=schedule_name, loss_weight=loss_weight,  # checks names
                min_snr_gamma=min_snr_gamma, prediction=prediction)
-        self.num_timesteps, self.loss_weight = num_timesteps, loss_weight
-        self.prediction = prediction
-        self.alphas_cumprod = alphas_cumprod(schedule_name, num_timesteps)
+        self.num_timesteps, self.loss_weight, self.prediction = 1000, loss_weight, prediction
+        self.alphas_cumprod = alphas_cumprod(schedule_name, self.num_timesteps)
         self.tables = schedule(self.alphas_cumprod)
         snr = self.alphas_cumprod / (1 - self.alphas_cumprod)                   # (T,)
-        # min-SNR in the target's units: the epsilon MSE is the x0 MSE times SNR, the v MSE times
-        # SNR / (SNR + 1)
+        # min-SNR in the target's units: the eps MSE is the x0 MSE times SNR, v's SNR / (SNR + 1)
         self.tables["min_snr_weight"] = np.minimum(snr, min_snr_gamma) / (snr + (prediction == "v"))
         self.on_device = {}  # (name, device) -> float64 tensor: the schedule moves to a device once
 
