@@ -28,7 +28,7 @@ import sample
 import train
 from support import data, evaluator, runs
 from tools import evaluate, extract_latents
-from conftest import FAST, randomize_zero_init, run_train
+from conftest import FAST, randomize_zero_init, run_train, tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1230,3 +1230,14 @@ def test_soak_reports_flat_memory_and_no_ema_graph(capsys):
     rows, slopes = soak.main(["--steps", "6", "--every", "2"])
     assert [r["step"] for r in rows] == [2, 4, 6] and all(r["ema_nodes"] == 0 for r in rows)
     assert slopes["ema_nodes_per_step"] == 0 and "slopes after step 2" in capsys.readouterr().out
+
+
+def test_samples_per_class_do_not_depend_on_the_batch_size():
+    from support.evaluator import samples_per_class
+    model = randomize_zero_init(R.RaceDiT(tiny("race", "2in8"))).eval()
+    one, labels = samples_per_class(model, 3, 4, batch_size=12, cfg_scale=2.0)
+    split, same = samples_per_class(model, 3, 4, batch_size=5, cfg_scale=2.0)
+    assert list(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3] and (same == labels).all()
+    assert one.dtype == np.uint8 and one.shape == (12, 8, 8, 3)
+    # threshold selection: a sample's experts, hence its image, do not depend on its batch
+    np.testing.assert_array_equal(one, split)
