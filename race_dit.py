@@ -1,12 +1,11 @@
-"""
-Race-DiT: DiT (Peebles & Xie, arXiv 2212.09748) whose MLPs are Mixture-of-Experts layers routed by
-Expert Race (Yuan et al., arXiv 2503.16057). S1..S7: the sections of PAPER.md, the paper's digest.
-Top to bottom: configuration, DiT blocks, the MoE layer (selection, dispatch and its policy), the
-inference threshold and its calibration, the model, PLR and RSL, the diffusion.
-"""
+"""Race-DiT: DiT (Peebles & Xie, arXiv 2212.09748) whose MLPs are Mixture-of-Experts layers
+routed by Expert Race (Yuan et al., arXiv 2503.16057). S1..S7: the sections of PAPER.md, the
+paper's digest. Top to bottom: configuration, DiT blocks, the MoE layer (selection, dispatch and
+its policy), the inference threshold and its calibration, the model, PLR and RSL, the diffusion."""
 import itertools
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +18,7 @@ if not hasattr(F, "grouped_mm"):  # the floor in requirements.txt
     raise ImportError("race_dit needs torch >= 2.10 (torch.nn.functional.grouped_mm); "
                       f"found {torch.__version__}")
 
-# --------------------------------------------------------------------------------------------------
-# Configuration
+# ---- Configuration -------------------------------------------------------------------------------
 
 # name -> (depth, width, heads): S is DiT's, B..XL the paper's (S1); XS for CPUs; XSD: XS's compute
 # at three times its depth (S5)
@@ -71,18 +69,14 @@ class Config:
              f"image size {self.input_size} is not divisible by the patch size {self.patch_size}")
         need(self.hidden_size % self.num_heads == 0, "hidden size must be divisible by the heads")
         if self.routing != "dense":
-            E, k = self.num_experts, self.top_k
+            E, k, L = self.num_experts, self.top_k, (self.input_size // self.patch_size) ** 2
             need(1 <= k <= E, f"top-k must be between 1 and the number of experts (k={k}, E={E})")
             self.granularity = self.granularity or k
             width = int(self.mlp_ratio * self.hidden_size)
-            need(self.mlp_hidden * self.granularity == width,
+            need(width % self.granularity == 0,
                  f"MLP width {width} is not divisible by granularity {self.granularity}")
-            need(self.routing != "expert" or self.capacity >= 1,
-                 f"expert-choice capacity k*L/E = {k}*{self.num_tokens}/{E} is below 1")
-
-    @property
-    def num_tokens(self):
-        return (self.input_size // self.patch_size) ** 2
+            need(self.routing != "expert" or k * L >= E,
+                 f"expert-choice capacity k*L/E = {k}*{L}/{E} is below 1")
 
     @property
     def out_channels(self):
@@ -93,17 +87,12 @@ class Config:
         width = int(self.mlp_ratio * self.hidden_size)
         return width // (1 if self.routing == "dense" else self.granularity)
 
-    @property
-    def capacity(self):  # tokens per expert per image under expert-choice (S3, Fig. 3)
-        return self.top_k * self.num_tokens // self.num_experts
-
 
 def make_config(name="S/2", experts=None, **kw):
     """`make_config("XL/2", "4in32")` -> Config; experts=None (or routing="dense"): a dense DiT."""
     m = re.fullmatch(r"(?:DiT-)?(XSD|XS|S|B|M|L|XL)/(\d+)", name)
     if not m:
-        raise ValueError(f"unknown model {name!r}; expected e.g. S/2, B/4, XL/2 "
-                         f"(sizes {', '.join(SIZES)})")
+        raise ValueError(f"unknown model {name!r}; expected e.g. S/2 or XL/2 ({', '.join(SIZES)})")
     size = dict(zip(("depth", "hidden_size", "num_heads"), SIZES[m.group(1)]))
     kw = {**size, "patch_size": int(m.group(2)), **kw}
     if experts is None:
@@ -115,8 +104,7 @@ def make_config(name="S/2", experts=None, **kw):
     return Config(**kw)
 
 
-# --------------------------------------------------------------------------------------------------
-# DiT building blocks (S1). Module names follow the reference DiT so its checkpoints load unchanged.
+# ---- DiT building blocks (S1), named as the reference DiT's so that its checkpoints load ---------
 
 def modulate(x, shift, scale):  # adaLN: x (B, L, D), shift/scale (B, D)
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -127,11 +115,10 @@ def sincos_pos_embed(dim, grid):
     c, second half the row r, each as [sin, cos] over dim/4 frequencies (DiT's layout)."""
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))   # (dim/4,)
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
-    def enc(pos):
-        ang = pos.reshape(-1, 1) * omega                                          # (G*G, dim/4)
-        return np.concatenate([np.sin(ang), np.cos(ang)], axis=1)
+    c, r = (pos.reshape(-1, 1) * omega for pos in (cols, rows))                   # (G*G, dim/4)
     # torch.tensor, not from_numpy: made on the default device (train.build's), not the host.
-    return torch.tensor(np.concatenate([enc(cols), enc(rows)], axis=1), dtype=torch.float32)
+    return torch.tensor(np.concatenate([np.sin(c), np.cos(c), np.sin(r), np.cos(r)], axis=1),
+                        dtype=torch.float32)
 
 
 class PatchEmbed(nn.Module):
@@ -141,6 +128,12 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)                   # (B, C, H, W) -> (B, L, D)
+
+
+def unpatchify(x, p, c):
+    """(B, L, p*p*C) -> (B, C, H, W)."""
+    g = math.isqrt(x.shape[1])                                            # L = g * g tokens
+    return x.reshape(-1, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(-1, c, g * p, g * p)
 
 
 class TimestepEmbedder(nn.Module):
@@ -153,14 +146,12 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)   # (half,)
         ang = t.float()[:, None] * freqs[None]                                           # (B, half)
-        emb = torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(torch.cat([ang.cos(), ang.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 def drop_labels(y, p, num_classes):
     """Classifier-free guidance training: each label becomes the null class with probability p."""
-    drop = torch.rand(y.shape, device=y.device) < p
-    return torch.where(drop, torch.full_like(y, num_classes), y)
+    return torch.where(torch.rand(y.shape, device=y.device) < p, num_classes, y)
 
 
 class LabelEmbedder(nn.Module):
@@ -184,40 +175,33 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, L, D = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # 3 x (B, heads, L, D/heads)
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, L, D/h)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 
-class Mlp(nn.Module):
+class Mlp(nn.Sequential):  # DiT's (timm's): the names fc1, act, fc2 as in its checkpoints
     def __init__(self, d, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(d, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        super().__init__(OrderedDict(fc1=nn.Linear(d, hidden), act=nn.GELU(approximate="tanh"),
+                                     fc2=nn.Linear(hidden, d)))
 
 
-# --------------------------------------------------------------------------------------------------
-# The MoE layer (S2-S4)
+# ---- The MoE layer (S2-S4) -----------------------------------------------------------------------
 
 class MoE(nn.Module):
-    """Router, E bias-free experts held as stacked weights, and the PLR head (S2, S5). forward(x
-    (B, L, D)) -> (out (B, L, D), aux): logits (B, L, E), mask (B, L, E) of the selected pairs,
-    cutoff (race top-K) and, in training, plr (B, L, p*p*C), for the losses and statistics."""
+    """Router, E bias-free experts (stacked weights) and the PLR head (S2, S5). x (B, L, D) -> (out,
+    aux): logits and mask of the selected pairs (B, L, E), cutoff, in training plr (B, C, H, W)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         D, E, H = cfg.hidden_size, cfg.num_experts, cfg.mlp_hidden
         self.routing, self.gating, self.k, self.E = cfg.routing, cfg.gating, cfg.top_k, E
-        self.capacity, self.decay = cfg.capacity, cfg.threshold_decay
+        self.decay = cfg.threshold_decay
         self.router = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate="tanh"))  # h = GELU(Wx)
         self.scorer = nn.Linear(D, E)                                           # logits = scorer(h)
         # S5: predicts the diffusion target (patchified) from h; C channels: no learned variance
         self.plr_head = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
+        self.plr_layout = (cfg.patch_size, cfg.in_channels)
         bound = math.sqrt(6 / (D + H))  # xavier-uniform per expert, like the dense MLP's fc1/fc2
         self.w1 = nn.Parameter(torch.empty(E, D, H).uniform_(-bound, bound))
         self.w2 = nn.Parameter(torch.empty(E, H, D).uniform_(-bound, bound))
@@ -251,16 +235,15 @@ class MoE(nn.Module):
         if self.routing == "token":                                      # top-k experts per token
             e = scores.topk(k, dim=1).indices                             # (N, k)
             idx = e * N + torch.arange(N, device=scores.device)[:, None]
-        else:                                                             # expert-choice, per image
-            pos = st.view(E, B, L).topk(self.capacity, dim=2).indices    # (E, B, C) token positions
+        else:  # expert-choice (S3, Fig. 3): each expert takes its C = k*L/E best tokens per image
+            pos = st.view(E, B, L).topk(k * L // E, dim=2).indices        # (E, B, C) positions
             n = pos + L * torch.arange(B, device=scores.device)[None, :, None]
             idx = n + N * torch.arange(E, device=scores.device)[:, None, None]
         return idx.reshape(-1).sort().values, None
 
     def forward(self, x):
-        B, L, D = x.shape
-        N, E = B * L, self.E
-        xf = x.reshape(N, D)
+        (B, L, D), E = x.shape, self.E
+        N, xf = B * L, x.reshape(B * L, D)
         h = self.router(xf)                                               # (N, D)
         # Routing decisions at fp32 resolution: bf16 logits would tie at the race's cutoff and at
         # the threshold (S3, S4).
@@ -270,10 +253,9 @@ class MoE(nn.Module):
         pairs, cutoff = self.select(scores.detach(), B, L)               # (P,) sorted, expert-major
         expert, token = pairs // N, pairs % N                             # (P,), (P,)
         ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
-        # Dispatch: only the P selected pairs are computed; an expert may get any load, zero
-        # included. Gathered from x's dtype (fp32 under autocast), then cast at once (no fp32 copy
-        # of the P rows stays alive): backward adds a token's up to E gradients in fp32, as for
-        # one dense matmul's input.
+        # Dispatch: only the P selected pairs are computed, any load per expert (zero too). Gathered
+        # in x's dtype (fp32 under autocast) and cast at once, so no fp32 copy of the P rows stays
+        # alive and backward adds a token's up to E gradients in fp32, as for a dense matmul's.
         tokens = xf.index_select(0, token).to(compute_dtype(xf))          # (P, D)
         hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
         out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
@@ -287,16 +269,15 @@ class MoE(nn.Module):
         mask = torch.zeros(E * N, dtype=torch.bool, device=x.device).index_fill_(0, pairs, True)
         layer_aux = dict(logits=logits.view(B, L, E), mask=mask.view(E, B, L).permute(1, 2, 0),
                          cutoff=cutoff)
-        if self.training:
-            layer_aux["plr"] = self.plr_head(h).view(B, L, -1)
+        if self.training:  # S5's prediction in image layout, like the diffusion target
+            layer_aux["plr"] = unpatchify(self.plr_head(h).view(B, L, -1), *self.plr_layout)
         return y.to(out.dtype).view(B, L, D), layer_aux
 
 
 def grouped_matmul(x, w, ends, grouped=None):
-    """Rows of x (P, Din) grouped by expert (group e ends at row ends[e]) -> group e @ w[e] for
-    every group, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a loop over
-    experts. Autocast does not cover grouped_mm: x and w are cast here to autocast's dtype, as
-    autocast casts an nn.Linear's input and weight."""
+    """x (P, Din), its rows grouped by expert (group e ends at row ends[e]) -> group e @ w[e] for
+    each e, (P, Dout): one grouped GEMM where use_grouped_mm says so, else a loop over experts.
+    Autocast skips grouped_mm: x and w are cast to its dtype here, as for an nn.Linear."""
     dtype = compute_dtype(x)
     x, w = x.to(dtype), w.to(dtype)
     if use_grouped_mm(x.device, dtype) if grouped is None else grouped:
@@ -313,26 +294,22 @@ def compute_dtype(x):
 
 def use_grouped_mm(device, dtype, capability=None, compiling=None):
     """The dispatch policy: where one F.grouped_mm beats the loop (timings: benchmarks/README.md).
-    CUDA: compute capability 9.x (Hopper) in bf16 only, where it needs no host sync; not on
-    Blackwell (10.x), where an expert without tokens gets an unwritten weight gradient
-    (pytorch/pytorch#172439). CPU: bf16 and fp32 (no float64 kernel), but not fp32 under
-    torch.compile, whose shape function accepts bf16 only."""
+    CUDA: Hopper (capability 9.x) in bf16 only, with no host sync; not Blackwell (10.x), where an
+    expert without tokens gets an unwritten weight gradient (pytorch/pytorch#172439). CPU: bf16 and
+    fp32 (no float64 kernel), not fp32 under torch.compile, whose shape function takes bf16 only."""
     if device.type == "cpu":
         compiling = torch.compiler.is_compiling() if compiling is None else compiling
         return dtype == torch.bfloat16 or (dtype == torch.float32 and not compiling)
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return False
-    return (capability or torch.cuda.get_device_capability(device))[0] == 9
+    return (device.type == "cuda" and dtype == torch.bfloat16
+            and (capability or torch.cuda.get_device_capability(device))[0] == 9)
 
 
-# --------------------------------------------------------------------------------------------------
-# The inference threshold (S4)
+# ---- The inference threshold (S4) ----------------------------------------------------------------
 
 @torch.no_grad()
 def update_threshold(layer, cutoff):
-    """A training race's cutoff moves the layer's threshold: an EMA (decay threshold_decay) whose
-    first update takes the cutoff itself (torch.where: no host sync). The model calls it, not the
-    layer: a block recomputed for backward must not update it twice."""
+    """A training race's cutoff moves the layer's threshold: an EMA whose first update takes the
+    cutoff itself (torch.where: no host sync). Called by the model: a recomputed block must not."""
     ema = layer.decay * layer.threshold + (1 - layer.decay) * cutoff
     layer.threshold.copy_(torch.where(layer.threshold_updates > 0, ema, cutoff))
     layer.threshold_updates += 1
@@ -348,30 +325,27 @@ def set_select_by(model, mode):
 
 @torch.no_grad()
 def calibrate_thresholds(model, diffusion, batches):
-    """S4 (chosen): every race layer's threshold re-estimated as the mean batch top-K cutoff over
-    training-like batches (x0, y): random t, noise and label dropout. For EMA copies, whose router
-    logits differ from the online model's. Restores the model's mode and select_by."""
+    """S4 (chosen), for EMA copies, whose logits differ from the online model's: each race layer's
+    threshold set to its mean batch top-K cutoff over training-like batches (x0, y)."""
     layers = [m for m in model.moe_layers() if m.routing == "race"]
     if not layers:
         return
     was_training, select_by = model.training, layers[0].select_by
     model.eval()
     set_select_by(model, "topk")
-    sums, n = torch.zeros(len(layers)), 0
+    cutoffs = []                                                          # per batch: (layers,)
     for x0, y in batches:
         t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
         y = drop_labels(y, model.cfg.class_dropout_prob, model.cfg.num_classes)
         _, aux = model(diffusion.q_sample(x0, t, torch.randn_like(x0)), t, y, return_aux=True)
-        sums += torch.stack([a["cutoff"].float().cpu() for a in aux if a["cutoff"] is not None])
-        n += 1
-    for m, s in zip(layers, sums / max(n, 1)):
-        m.threshold.fill_(s.item())
+        cutoffs.append(torch.stack([a["cutoff"].float() for a in aux if a["cutoff"] is not None]))
+    for m, cutoff in zip(layers, torch.stack(cutoffs).mean(0)):
+        m.threshold.copy_(cutoff)
     set_select_by(model, select_by)
     model.train(was_training)
 
 
-# --------------------------------------------------------------------------------------------------
-# The model
+# ---- The model -----------------------------------------------------------------------------------
 
 class DiTBlock(nn.Module):
     def __init__(self, cfg: Config):
@@ -403,22 +377,13 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def unpatchify(x, p, c):
-    """(B, L, p*p*C) -> (B, C, H, W)."""
-    B, L, _ = x.shape
-    g = int(math.isqrt(L))
-    return x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, g * p, g * p)
-
-
 class RaceDiT(nn.Module):
-    """DiT (S1) whose block MLPs are MoE layers unless cfg.routing == "dense". model(x (B, C, H, W),
-    t (B,), y (B,)) -> prediction (B, C_out, H, W), and with return_aux=True the list of per-layer
-    MoE aux. A training forward also moves each race layer's threshold (S4) toward its cutoff."""
+    """DiT (S1) with MoE layers unless cfg.routing == "dense": model(x (B, C, H, W), t (B,), y (B,))
+    -> prediction (B, C_out, H, W) [, per-layer MoE aux]. Training forwards move S4's threshold."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.cfg = cfg
-        D = cfg.hidden_size
+        self.cfg, D = cfg, cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
@@ -464,9 +429,6 @@ class RaceDiT(nn.Module):
             if layer_aux is not None:
                 if self.training and layer_aux["cutoff"] is not None:           # S4
                     update_threshold(block.mlp, layer_aux["cutoff"].detach().float())
-                if "plr" in layer_aux:  # S5 predictions in image layout, like the diffusion target
-                    layer_aux["plr"] = unpatchify(layer_aux["plr"], self.cfg.patch_size,
-                                                  self.cfg.in_channels)
                 aux.append(layer_aux)
         out = unpatchify(self.final_layer(h, c), self.cfg.patch_size, self.cfg.out_channels)
         return (out, aux) if return_aux else out
@@ -476,8 +438,7 @@ def guided_forward(model, x, t, y, cfg_scale):
     """Classifier-free guidance, conditional and unconditional in one forward, on the prediction's
     channels (a learned variance is the conditional half's). Returns (out, aux)."""
     if model.cfg.class_dropout_prob <= 0:
-        raise ValueError("guidance needs the null class of a model trained with label dropout "
-                         "(class_dropout_prob > 0)")
+        raise ValueError("guidance needs the null class of a model trained with label dropout")
     null, C = torch.full_like(y, model.cfg.num_classes), x.shape[1]
     out, aux = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), return_aux=True)
     cond, uncond = out.chunk(2)
@@ -485,8 +446,7 @@ def guided_forward(model, x, t, y, cfg_scale):
     return torch.cat([eps, cond[:, C:]], dim=1), aux
 
 
-# --------------------------------------------------------------------------------------------------
-# PLR (S5) and RSL (S6), and the token-choice baseline's balance loss, from the per-layer aux
+# ---- PLR (S5), RSL (S6) and the token-choice baseline's balance loss, from the per-layer aux -----
 
 def plr_loss(aux, target):
     """S5: each MoE layer's prediction of the diffusion target (B, C, H, W) from its router's
@@ -513,15 +473,12 @@ def rsl_loss(logits, mask):
 def balance_loss(logits, mask):
     """Switch-style load balance for the token-choice baseline: E * sum_e f_e * mean P_e, where
     f_e is the fraction of selections going to expert e; 1 when balanced."""
-    E = logits.shape[-1]
-    P = logits.reshape(-1, E).float().softmax(-1)
-    M = mask.reshape(-1, E).float()
-    return E * ((M.sum(0) / M.sum().clamp(min=1)) * P.mean(0)).sum()
+    P = logits.reshape(-1, logits.shape[-1]).float().softmax(-1)        # (N, E)
+    M = mask.reshape(P.shape).float()                                      # (N, E)
+    return P.shape[1] * ((M.sum(0) / M.sum().clamp(min=1)) * P.mean(0)).sum()
 
 
-# --------------------------------------------------------------------------------------------------
-# Gaussian diffusion (S7, chosen: DDPM on 1000 steps; DiT's linear schedule, plain MSE and epsilon
-# prediction, or IDDPM's cosine schedule, min-SNR weights and v-prediction)
+# ---- Gaussian diffusion (S7): DDPM on 1000 steps -------------------------------------------------
 
 def alphas_cumprod(name, T=1000):
     """Alpha-bar at t = 0..T-1, float64 (S7). linear: DiT's betas, 1e-4..0.02. cosine: IDDPM's
@@ -550,26 +507,21 @@ def schedule(ab):
 
 
 class Diffusion:
-    """DDPM on 1000 steps (S7) with schedule "linear" | "cosine", loss_weight "none" (DiT's plain
-    MSE) | "min-snr" (Hang et al. 2023: step t's MSE counts as the x0 MSE times min(SNR(t), gamma),
-    so that nearly clean steps stop dominating the gradient), prediction "eps" | "v".
-    Diffusion.of(cfg) is the one a model was trained with."""
+    """DDPM on 1000 steps (S7), a Config's recipe (DiT's by default): schedule linear | cosine,
+    loss_weight none (DiT's) | min-snr (Hang et al. 2023: step t's MSE counts as the x0 MSE times
+    min(SNR(t), gamma): nearly clean steps stop dominating), prediction eps | v."""
 
-    def __init__(self, schedule_name="linear", loss_weight="none", min_snr_gamma=5.0,
-                 prediction="eps"):
-        Config(routing="dense", schedule=schedule_name, loss_weight=loss_weight,  # checks names
-               min_snr_gamma=min_snr_gamma, prediction=prediction)
-        self.num_timesteps, self.loss_weight, self.prediction = 1000, loss_weight, prediction
-        self.alphas_cumprod = alphas_cumprod(schedule_name, self.num_timesteps)
+    def __init__(self, cfg: Config = None):
+        cfg = cfg or Config()
+        self.num_timesteps = 1000
+        self.loss_weight, self.prediction = cfg.loss_weight, cfg.prediction
+        self.alphas_cumprod = alphas_cumprod(cfg.schedule, self.num_timesteps)
         self.tables = schedule(self.alphas_cumprod)
         snr = self.alphas_cumprod / (1 - self.alphas_cumprod)                   # (T,)
         # min-SNR in the target's units: the eps MSE is the x0 MSE times SNR, v's SNR / (SNR + 1)
-        self.tables["min_snr_weight"] = np.minimum(snr, min_snr_gamma) / (snr + (prediction == "v"))
+        self.tables["min_snr_weight"] = (np.minimum(snr, cfg.min_snr_gamma)
+                                         / (snr + (cfg.prediction == "v")))
         self.on_device = {}  # (name, device) -> float64 tensor: the schedule moves to a device once
-
-    @classmethod
-    def of(cls, cfg):
-        return cls(cfg.schedule, cfg.loss_weight, cfg.min_snr_gamma, cfg.prediction)
 
     def _at(self, name, t, x):  # table `name` at t (B,) -> (B, 1, 1, 1) in x's dtype, >= fp32
         key = (name, x.device)
@@ -583,22 +535,19 @@ class Diffusion:
 
     def target(self, x0, t, noise):
         """What the model predicts: epsilon, or v = sqrt(ab) eps - sqrt(1 - ab) x0."""
-        if self.prediction == "eps":
-            return noise
-        return self._at("sqrt_ab", t, x0) * noise - self._at("sqrt_1m_ab", t, x0) * x0
+        return noise if self.prediction == "eps" else (
+            self._at("sqrt_ab", t, x0) * noise - self._at("sqrt_1m_ab", t, x0) * x0)
 
     def eps_from(self, pred, xt, t):
-        """Epsilon from the model's prediction (B, C, H, W) at x_t and t (B,): the prediction
-        itself, or sqrt(ab) v + sqrt(1 - ab) x_t."""
-        if self.prediction == "eps":
-            return pred
-        return self._at("sqrt_ab", t, xt) * pred + self._at("sqrt_1m_ab", t, xt) * xt
+        """Epsilon from the prediction (B, C, H, W) at x_t, t (B,): itself, or sqrt(ab) v +
+        sqrt(1 - ab) x_t."""
+        return pred if self.prediction == "eps" else (
+            self._at("sqrt_ab", t, xt) * pred + self._at("sqrt_1m_ab", t, xt) * xt)
 
     def p_step(self, out, xt, t, at, clip_x0=False, variance="small"):
-        """p(x_{t-1} | x_t) from the model's output (B, C or 2C, H, W) at x_t, t (B,); `at`: the
-        tables at t, floats or (B, 1, 1, 1). Returns epsilon, x0 (clipped if asked), the mean and
-        the log variance: learned (IDDPM: the output in [-1, 1] interpolates log beta and the
-        posterior's) or fixed, "small" (the posterior's) or "large" (beta_t)."""
+        """p(x_{t-1} | x_t) from the output (B, C or 2C, H, W) at x_t, t (B,), `at` the tables at t
+        -> epsilon, x0 (clipped if asked), mean, log variance: learned (IDDPM: the output in [-1, 1]
+        interpolates log beta and the posterior's) or fixed: small (the posterior's) or large."""
         C = xt.shape[1]
         eps = self.eps_from(out[:, :C], xt, t)
         x0 = at["sqrt_recip_ab"] * xt - at["sqrt_recipm1_ab"] * eps
@@ -615,9 +564,8 @@ class Diffusion:
 
     def training_losses(self, model, x0, y, plr_weight=0.1, rsl_weight=0.01, balance_weight=0.0,
                         t=None, noise=None):
-        """Returns (losses, aux): 'loss' to minimise and each term unweighted: 'mse', 'vb' (learned
-        variance), for MoE models the means over layers 'rsl', 'plr' (training) and 'balance'
-        (balance_weight > 0); aux is the model's per-layer MoE aux."""
+        """-> (losses, aux): 'loss' to minimise; unweighted, 'mse', 'vb' (learned variance) and for
+        MoE models the means over layers of 'rsl', 'plr' (training), 'balance' (if weighted)."""
         B, C = x0.shape[:2]
         t = torch.randint(0, self.num_timesteps, (B,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
@@ -635,25 +583,20 @@ class Diffusion:
         if out.shape[1] == 2 * C:  # DiT's hybrid loss: the bound trains the variance, not the mean
             frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
             losses["vb"] = self.vb(frozen, x0.to(out.dtype), xt.to(out.dtype), t)
-            loss = loss + losses["vb"]
-        if aux:
-            n = len(aux)
-            losses["rsl"] = sum(rsl_loss(a["logits"], a["mask"]) for a in aux) / n     # S6
-            loss = loss + rsl_weight * losses["rsl"]
-            if balance_weight > 0:
-                losses["balance"] = sum(balance_loss(a["logits"], a["mask"]) for a in aux) / n
-                loss = loss + balance_weight * losses["balance"]
-            if "plr" in aux[0]:                                                         # S5
-                losses["plr"] = plr_loss(aux, target)
-                loss = loss + plr_weight * losses["plr"]
-        losses["loss"] = loss
+        if aux:  # the MoE terms: means over the layers
+            losses["rsl"] = sum(rsl_loss(a["logits"], a["mask"]) for a in aux) / len(aux)  # S6
+        if aux and balance_weight > 0:
+            losses["balance"] = sum(balance_loss(a["logits"], a["mask"]) for a in aux) / len(aux)
+        if aux and "plr" in aux[0]:                                                     # S5
+            losses["plr"] = plr_loss(aux, target)
+        weights = dict(vb=1.0, rsl=rsl_weight, balance=balance_weight, plr=plr_weight)
+        losses["loss"] = sum((weights[k] * v for k, v in losses.items() if k in weights), loss)
         return losses, aux
 
     def vb(self, out, x0, xt, t):
         """The variational bound's term in bits per dimension, averaged (DiT, IDDPM): KL(q(x_{t-1} |
         x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0 at t = 0."""
-        at = {name: self._at(name, t, xt) for name in ("sqrt_recip_ab", "sqrt_recipm1_ab",
-              "coef_x0", "coef_xt", "small_logvar", "log_betas")}        # each (B, 1, 1, 1)
+        at = {name: self._at(name, t, xt) for name in self.tables}        # each (B, 1, 1, 1)
         _, _, mean, logvar = self.p_step(out, xt, t, at)
         true_mean, true_logvar = at["coef_x0"] * x0 + at["coef_xt"] * xt, at["small_logvar"]
         kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp()
@@ -681,10 +624,9 @@ class Diffusion:
     @torch.no_grad()
     def sample(self, model, y, steps=250, method="ddpm", cfg_scale=1.0, seed=0, first=0,
                clip_x0=False, on_step=None, variance="small", shape=None):
-        """Ancestral DDPM or deterministic DDIM on respaced steps, for labels y (B,). Sample i draws
-        its noise from a CPU generator seeded by (seed, first + i) alone: the same image whatever
-        the batch or process split. on_step(i, t, aux) follows every model call (statistics).
-        variance: p_step's (S7 says why "small"). shape (C, H, W): the model's by default."""
+        """Ancestral DDPM or deterministic DDIM on respaced steps for labels y (B,). Sample i's
+        noise comes from a CPU generator seeded by (seed, first + i) alone: the same in any batch.
+        on_step(i, t, aux) follows each model call; variance: p_step's (S7); shape: the model's."""
         if method not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {method!r}")
         shape = shape or (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
@@ -696,10 +638,8 @@ class Diffusion:
         for i in reversed(range(len(ts))):
             at = {name: float(table[i]) for name, table in sched.items()}  # float64 scalars
             t = torch.full((B,), int(ts[i]), device=dev, dtype=torch.long)
-            if cfg_scale != 1:
-                out, aux = guided_forward(model, x, t, y, cfg_scale)
-            else:
-                out, aux = model(x, t, y, return_aux=True)
+            out, aux = (guided_forward(model, x, t, y, cfg_scale) if cfg_scale != 1
+                        else model(x, t, y, return_aux=True))
             if on_step is not None:
                 on_step(i, int(ts[i]), aux)
             eps, x0, mean, logvar = self.p_step(out.float(), x, t, at, clip_x0, variance)

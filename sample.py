@@ -160,7 +160,7 @@ def run(args, grid_max=256):
     # --routing-map: the sampling steps whose per-token maps are kept (5, fewer if --steps < 5)
     map_steps = {round(v) for v in np.linspace(0, args.steps - 1, 5)} if args.routing_map else set()
     stats = ExpertsByTimestep(map_steps, guided=args.cfg_scale != 1)
-    diffusion = R.Diffusion.of(model.cfg)
+    diffusion = R.Diffusion(model.cfg)
     shown, latents, mapped = [], [], []                              # mapped: (images, labels)
     mine = list(range(rank * args.batch_size, len(labels), world * args.batch_size))  # batch starts
     for b, s in enumerate(mine):

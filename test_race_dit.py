@@ -641,7 +641,7 @@ class GaussianOracle(torch.nn.Module):
 def test_samplers_with_the_exact_denoiser_reproduce_gaussian_data(method, steps, schedule,
                                                                   prediction):
     torch.manual_seed(0)
-    d = R.Diffusion(schedule, prediction=prediction)
+    d = R.Diffusion(R.Config(schedule=schedule, prediction=prediction))
     y = torch.zeros(64, dtype=torch.long)
     x = d.sample(GaussianOracle(0.5, d, prediction), y, steps, method, shape=(1, 16, 16))
     assert x.std().item() == pytest.approx(0.5, rel=0.02) and abs(x.mean().item()) < 0.01
@@ -676,7 +676,7 @@ def iddpm_cosine_alphas_cumprod(T=1000, s=0.008):
 
 
 def test_the_cosine_schedule_is_iddpms_and_keeps_more_steps_at_a_readable_snr():
-    d = R.Diffusion("cosine")
+    d = R.Diffusion(R.Config(schedule="cosine"))
     np.testing.assert_allclose(d.alphas_cumprod, iddpm_cosine_alphas_cumprod(), rtol=1e-10)
     assert d.tables["betas"][-1] == pytest.approx(0.999)                 # the clip binds at the end
     snr = lambda ab: ab / (1 - ab)
@@ -707,7 +707,7 @@ def test_min_snr_weighs_each_samples_mse_by_its_hand_computed_snr():
     snr = torch.tensor([a / (1 - a) for a in ab], dtype=torch.float64)
     weights = snr.clamp(max=5) / snr                    # 5e-4 at t = 0 (SNR 1e4), 1 where SNR < 5
     assert weights[0] == pytest.approx(5 / 9999) and weights[-1] == 1
-    losses, _ = R.Diffusion("linear", "min-snr", 5.0).training_losses(
+    losses, _ = R.Diffusion(R.Config(loss_weight="min-snr")).training_losses(
         FixedOutput(out), x0, None, t=t, noise=noise)
     assert losses["loss"].item() == pytest.approx((weights * per_sample).mean().item(), rel=1e-6)
     assert losses["mse"].item() == pytest.approx(per_sample.mean().item(), rel=1e-6)  # unweighted
@@ -717,7 +717,7 @@ def test_min_snr_weighs_each_samples_mse_by_its_hand_computed_snr():
     a, b = (torch.tensor(v, dtype=torch.float64).view(-1, 1, 1, 1) ** 0.5
             for v in (ab, [1 - v for v in ab]))
     per_sample_v = ((out - (a * noise - b * x0)) ** 2).mean((1, 2, 3))
-    v_losses, _ = R.Diffusion("linear", "min-snr", 5.0, "v").training_losses(
+    v_losses, _ = R.Diffusion(R.Config(loss_weight="min-snr", prediction="v")).training_losses(
         FixedOutput(out), x0, None, t=t, noise=noise)
     assert v_losses["mse"].item() == pytest.approx(per_sample_v.mean().item(), rel=1e-6)
     weights_v = snr.clamp(max=5) / (snr + 1)
@@ -728,7 +728,7 @@ def test_min_snr_weighs_each_samples_mse_by_its_hand_computed_snr():
 def test_a_config_without_diffusion_fields_keeps_dits_diffusion():
     old = {k: v for k, v in dataclasses.asdict(tiny()).items()
            if k not in ("schedule", "loss_weight", "min_snr_gamma", "prediction")}  # an old one
-    d = R.Diffusion.of(R.Config(**old))
+    d = R.Diffusion(R.Config(**old))
     assert (d.loss_weight, d.prediction) == ("none", "eps")
     np.testing.assert_array_equal(d.alphas_cumprod, R.Diffusion().alphas_cumprod)
     with pytest.raises(ValueError, match="unknown schedule"):

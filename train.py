@@ -306,7 +306,7 @@ def train(args):
         print(f"{args.model} {cfg.routing} {'' if cfg.routing == 'dense' else args.experts} on "
               f"{args.data} {size}: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M activated; "
               f"{world} process(es) on {device}")
-    diffusion = R.Diffusion.of(cfg)
+    diffusion = R.Diffusion(cfg)
     net = model
     if world > 1:
         # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy

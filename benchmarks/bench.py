@@ -113,7 +113,7 @@ def step_memory(spec, args, batch, recompute, fake=True):
             ema = R.RaceDiT(cfg).eval().requires_grad_(False)
             ema.load_state_dict(model.state_dict())
             opt = torch.optim.AdamW(model.parameters(), lr=targs.lr, weight_decay=0, fused=True)
-            diffusion = R.Diffusion.of(cfg)
+            diffusion = R.Diffusion(cfg)
             for step in range(2):
                 x0 = torch.randn(batch, C, S, S)
                 y = torch.randint(0, args.num_classes, (batch,))
@@ -218,7 +218,7 @@ def main(argv=None):
     specs = args.models.split(",")
     models = {s: build(s, args, device) for s in specs}
     opts = {s: torch.optim.AdamW(m.parameters(), lr=1e-4) for s, m in models.items()}
-    diffusion = R.Diffusion.of(models[specs[0]].cfg)  # every model here has the same recipe
+    diffusion = R.Diffusion(models[specs[0]].cfg)  # every model here has the same recipe
     B, C, S = args.batch_size, args.channels, args.image_size
     x0 = torch.randn(B, C, S, S, device=device)
     y = torch.randint(0, args.num_classes, (B,), device=device)

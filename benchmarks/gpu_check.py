@@ -102,7 +102,7 @@ class Run:
         order = BatchOrder(len(self.ds), batch, 0, 0, accum=grad_accum)
         self.loader = iter(torch.utils.data.DataLoader(self.ds, batch_sampler=order,
                                                        pin_memory=device.type == "cuda"))
-        self.device, self.diffusion = device, R.Diffusion.of(cfg)
+        self.device, self.diffusion = device, R.Diffusion(cfg)
         self.autocast, self.step = autocast_for("bf16", device), 0
 
     def train_step(self, sync_check=False):

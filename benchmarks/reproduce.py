@@ -155,7 +155,7 @@ def experts_by_object(model, test, timesteps=(100, 300, 500, 700, 900), n=500):
     token (mean over layers, selected by the threshold) against the fraction of the token's
     patch the object covers (exact masks of the built-in shapes), within each (position,
     timestep) cell, so that neither where a patch sits nor the noise level can make the slope."""
-    p, d, n = model.cfg.patch_size, R.Diffusion.of(model.cfg), min(n, len(test.y))
+    p, d, n = model.cfg.patch_size, R.Diffusion(model.cfg), min(n, len(test.y))
     x = to_unit(torch.from_numpy(np.array(test.x[:n])))
     y = torch.from_numpy(test.y[:n])
     masks = torch.from_numpy(test.masks[:n]).float()[:, None]             # (n, 1, S, S)
@@ -172,7 +172,7 @@ def experts_by_object(model, test, timesteps=(100, 300, 500, 700, 900), n=500):
 def score(ckpt_path, select_by, test, evaluator, args):
     model, ckpt = load_model(ckpt_path)
     R.set_select_by(model, select_by)
-    d = R.Diffusion.of(model.cfg)
+    d = R.Diffusion(model.cfg)
     g = torch.Generator().manual_seed(1234)                           # the same noise for every run
     x = to_unit(torch.from_numpy(np.array(test.x)))
     y = torch.from_numpy(test.y)

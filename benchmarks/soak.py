@@ -62,7 +62,7 @@ def main(argv=None):
     ds = load_data("shapes", image_size=16)
     model, ema, opt = train.build(train.model_config(run, ds), run, torch.device("cpu"))
     loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=BatchOrder(len(ds), 8, 0, 0)))
-    diffusion, device = R.Diffusion.of(model.cfg), torch.device("cpu")
+    diffusion, device = R.Diffusion(model.cfg), torch.device("cpu")
     autocast = autocast_for("auto", torch.device("cpu"))
     rows, tick = [], time.perf_counter()
     print(f"{'step':>7s} {'RSS MiB':>9s} {'EMA autograd nodes':>19s} {'ms/step':>8s}")

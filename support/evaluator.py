@@ -156,7 +156,7 @@ def samples_per_class(model, per_class, steps, batch_size=250, **sample_args):
     """per_class samples of every class, in class order, by the model's own diffusion in batches
     (a sample's noise depends on its index alone, not on the batch) -> (uint8 images, labels)."""
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)
-    d = R.Diffusion.of(model.cfg)
+    d = R.Diffusion(model.cfg)
     images = np.concatenate([to_uint8(d.sample(model, labels[i:i + batch_size], steps, first=i,
                                                clip_x0=True, **sample_args))
                              for i in range(0, len(labels), batch_size)])

@@ -256,12 +256,12 @@ def test_the_runs_diffusion_is_saved_and_used_by_resume_sample_and_evaluate(tmp_
     made = lambda d: data.to_uint8(d.sample(model, torch.tensor([0, 1, 2]), 4, cfg_scale=1.5,
                                             clip_x0=True))
     got = np.load(tmp_path / "s.npz")["arr_0"]
-    assert np.array_equal(got, made(R.Diffusion("cosine", prediction="v"))) and not np.array_equal(
-        got, made(R.Diffusion()))
+    cosine_v = R.Diffusion(R.Config(schedule="cosine", prediction="v"))
+    assert np.array_equal(got, made(cosine_v)) and not np.array_equal(got, made(R.Diffusion()))
     evaluate_uses = []
-    real = R.Diffusion.of
+    real = R.Diffusion
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(R.Diffusion, "of", lambda cfg: evaluate_uses.append(cfg.schedule) or real(cfg))
+        mp.setattr(R, "Diffusion", lambda cfg: evaluate_uses.append(cfg.schedule) or real(cfg))
         mp.setattr(evaluate, "Evaluator", lambda *a: argparse.Namespace(score=lambda *b: {}))
         evaluate.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--per-class", "1", "--steps", "2"])
     assert evaluate_uses and set(evaluate_uses) == {"cosine"}
