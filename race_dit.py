@@ -309,7 +309,7 @@ def use_grouped_mm(device, dtype, capability=None, compiling=None):
 @torch.no_grad()
 def update_threshold(layer, cutoff):
     """A training race's cutoff moves the layer's threshold: an EMA whose first update takes the
-    cutoff itself (torch.where: no host sync). Called by the model: a recomputed block must not."""
+    cutoff (no host sync). Called by the model, not the layer, which recomputation would rerun."""
     ema = layer.decay * layer.threshold + (1 - layer.decay) * cutoff
     layer.threshold.copy_(torch.where(layer.threshold_updates > 0, ema, cutoff))
     layer.threshold_updates += 1
@@ -473,8 +473,8 @@ def rsl_loss(logits, mask):
 def balance_loss(logits, mask):
     """Switch-style load balance for the token-choice baseline: E * sum_e f_e * mean P_e, where
     f_e is the fraction of selections going to expert e; 1 when balanced."""
-    P = logits.reshape(-1, logits.shape[-1]).float().softmax(-1)        # (N, E)
-    M = mask.reshape(P.shape).float()                                      # (N, E)
+    P = logits.reshape(-1, logits.shape[-1]).float().softmax(-1)          # (N, E)
+    M = mask.reshape(P.shape).float()                                     # (N, E)
     return P.shape[1] * ((M.sum(0) / M.sum().clamp(min=1)) * P.mean(0)).sum()
 
 
@@ -564,8 +564,8 @@ class Diffusion:
 
     def training_losses(self, model, x0, y, plr_weight=0.1, rsl_weight=0.01, balance_weight=0.0,
                         t=None, noise=None):
-        """-> (losses, aux): 'loss' to minimise; unweighted, 'mse', 'vb' (learned variance) and for
-        MoE models the means over layers of 'rsl', 'plr' (training), 'balance' (if weighted)."""
+        """-> (losses, aux): 'loss' to minimise and its terms unweighted: 'mse', 'vb' (learned
+        variance), for MoE models the means over layers of 'rsl', 'plr', 'balance' (if weighted)."""
         B, C = x0.shape[:2]
         t = torch.randint(0, self.num_timesteps, (B,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
