@@ -132,8 +132,8 @@ class PatchEmbed(nn.Module):
 
 def unpatchify(x, p, c):
     """(B, L, p*p*C) -> (B, C, H, W)."""
-    g = math.isqrt(x.shape[1])                                            # L = g * g tokens
-    return x.reshape(-1, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(-1, c, g * p, g * p)
+    B, g = x.shape[0], math.isqrt(x.shape[1])                             # L = g * g tokens
+    return x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, g * p, g * p)
 
 
 class TimestepEmbedder(nn.Module):
@@ -175,8 +175,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, L, D/h)
-        x = F.scaled_dot_product_attention(q, k, v)
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)                    # q, k, v: (B, heads, L, D/h)
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 
@@ -189,8 +189,8 @@ class Mlp(nn.Sequential):  # DiT's (timm's): the names fc1, act, fc2 as in its c
 # ---- The MoE layer (S2-S4) -----------------------------------------------------------------------
 
 class MoE(nn.Module):
-    """Router, E bias-free experts (stacked weights) and the PLR head (S2, S5). x (B, L, D) -> (out,
-    aux): logits and mask of the selected pairs (B, L, E), cutoff, in training plr (B, C, H, W)."""
+    """Router, E bias-free experts (stacked weights), PLR head (S2, S5). x (B, L, D) -> (out, aux):
+    logits, mask of the selected pairs (B, L, E); race cutoff or None; training: plr (B, C, H, W)"""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -235,15 +235,15 @@ class MoE(nn.Module):
         if self.routing == "token":                                      # top-k experts per token
             e = scores.topk(k, dim=1).indices                             # (N, k)
             idx = e * N + torch.arange(N, device=scores.device)[:, None]
-        else:  # expert-choice (S3, Fig. 3): each expert takes its C = k*L/E best tokens per image
+        else:  # expert-choice (S3, Fig. 3): expert e takes its C = k*L // E best tokens per image
             pos = st.view(E, B, L).topk(k * L // E, dim=2).indices        # (E, B, C) positions
             n = pos + L * torch.arange(B, device=scores.device)[None, :, None]
             idx = n + N * torch.arange(E, device=scores.device)[:, None, None]
         return idx.reshape(-1).sort().values, None
 
     def forward(self, x):
-        (B, L, D), E = x.shape, self.E
-        N, xf = B * L, x.reshape(B * L, D)
+        B, L, D = x.shape
+        N, E, xf = B * L, self.E, x.reshape(B * L, D)
         h = self.router(xf)                                               # (N, D)
         # Routing decisions at fp32 resolution: bf16 logits would tie at the race's cutoff and at
         # the threshold (S3, S4).
@@ -254,8 +254,8 @@ class MoE(nn.Module):
         expert, token = pairs // N, pairs % N                             # (P,), (P,)
         ends = torch.searchsorted(pairs, N * torch.arange(1, E + 1, device=x.device))  # (E,)
         # Dispatch: only the P selected pairs are computed, any load per expert (zero too). Gathered
-        # in x's dtype (fp32 under autocast) and cast at once, so no fp32 copy of the P rows stays
-        # alive and backward adds a token's up to E gradients in fp32, as for a dense matmul's.
+        # in x's dtype (fp32 under autocast): backward adds a token's up to E gradients in fp32, as
+        # for a dense matmul's input; cast at once, so that no fp32 copy of the P rows stays alive.
         tokens = xf.index_select(0, token).to(compute_dtype(xf))          # (P, D)
         hid = F.gelu(grouped_matmul(tokens, self.w1, ends), approximate="tanh")  # (P, H)
         out = grouped_matmul(hid, self.w2, ends)                          # (P, D)
@@ -309,7 +309,7 @@ def use_grouped_mm(device, dtype, capability=None, compiling=None):
 @torch.no_grad()
 def update_threshold(layer, cutoff):
     """A training race's cutoff moves the layer's threshold: an EMA whose first update takes the
-    cutoff (no host sync). Called by the model, not the layer, which recomputation would rerun."""
+    cutoff (no host sync). Called by the model, not the layer: recompute would update it twice."""
     ema = layer.decay * layer.threshold + (1 - layer.decay) * cutoff
     layer.threshold.copy_(torch.where(layer.threshold_updates > 0, ema, cutoff))
     layer.threshold_updates += 1
@@ -339,7 +339,7 @@ def calibrate_thresholds(model, diffusion, batches):
         y = drop_labels(y, model.cfg.class_dropout_prob, model.cfg.num_classes)
         _, aux = model(diffusion.q_sample(x0, t, torch.randn_like(x0)), t, y, return_aux=True)
         cutoffs.append(torch.stack([a["cutoff"].float() for a in aux if a["cutoff"] is not None]))
-    for m, cutoff in zip(layers, torch.stack(cutoffs).mean(0)):
+    for m, cutoff in zip(layers, sum(cutoffs) / len(cutoffs)):
         m.threshold.copy_(cutoff)
     set_select_by(model, select_by)
     model.train(was_training)
@@ -545,9 +545,9 @@ class Diffusion:
             self._at("sqrt_ab", t, xt) * pred + self._at("sqrt_1m_ab", t, xt) * xt)
 
     def p_step(self, out, xt, t, at, clip_x0=False, variance="small"):
-        """p(x_{t-1} | x_t) from the output (B, C or 2C, H, W) at x_t, t (B,), `at` the tables at t
-        -> epsilon, x0 (clipped if asked), mean, log variance: learned (IDDPM: the output in [-1, 1]
-        interpolates log beta and the posterior's) or fixed: small (the posterior's) or large."""
+        """p(x_{t-1} | x_t) from the output (B, C or 2C, H, W) at x_t, t (B,); `at`: the tables at
+        t, floats or (B, 1, 1, 1). -> epsilon, x0 (clipped if asked), mean, log variance: learned
+        (IDDPM: the output in [-1, 1] interpolates log beta and the posterior's), small or large."""
         C = xt.shape[1]
         eps = self.eps_from(out[:, :C], xt, t)
         x0 = at["sqrt_recip_ab"] * xt - at["sqrt_recipm1_ab"] * eps
@@ -589,7 +589,7 @@ class Diffusion:
             losses["balance"] = sum(balance_loss(a["logits"], a["mask"]) for a in aux) / len(aux)
         if aux and "plr" in aux[0]:                                                     # S5
             losses["plr"] = plr_loss(aux, target)
-        weights = dict(vb=1.0, rsl=rsl_weight, balance=balance_weight, plr=plr_weight)
+        weights = dict(vb=1.0, rsl=rsl_weight, balance=balance_weight, plr=plr_weight)  # + `loss`
         losses["loss"] = sum((weights[k] * v for k, v in losses.items() if k in weights), loss)
         return losses, aux
 
