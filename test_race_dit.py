@@ -143,6 +143,15 @@ def test_fresh_model_outputs_zeros(routing, learn_sigma):
     assert out.shape == (4, cfg.out_channels, 8, 8) and (out == 0).all()
 
 
+@pytest.mark.parametrize("routing", R.CHOICES["routing"])
+def test_an_empty_batch_gives_an_empty_prediction(routing):
+    # a process of a split sampling run can get no samples; thresholds route, so that race too
+    cfg = tiny(routing)
+    model = R.RaceDiT(cfg).eval()
+    x, t, y = (v[:0] for v in batch(cfg))
+    assert model(x, t, y).shape == (0, cfg.out_channels, 8, 8)
+
+
 # --------------------------------------------------------------------------------------------------
 # Routing (S3): exact counts, ties, and the dispatch against a naive reference
 
