@@ -474,6 +474,23 @@ train.main(sys.argv[1:])
 """
 
 
+def torchrun(args, env, timeout):
+    """torchrun with 2 processes. On a timeout it is stopped with SIGTERM, on which it stops its
+    ranks (each in a session of its own: killing torchrun would leave them running, to hold up the
+    next run), and the test fails with what they printed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env}, cwd=ROOT)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"torchrun timed out after {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def test_torchrun_two_gloo_processes_compiled_agree_on_thresholds_without_recompiling(tmp_path):
     """DDP (gloo, 2 processes) + torch.compile (aot_eager) + --recompute + bf16, so the experts run
     as one grouped GEMM, with accumulation (DDP's no_sync on all but the last micro-batch): the
@@ -482,13 +499,9 @@ def test_torchrun_two_gloo_processes_compiled_agree_on_thresholds_without_recomp
     single-process tests compare recomputation with plain backward."""
     script = tmp_path / "record_steps.py"
     script.write_text(RECORD_STEPS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), *FAST, "--steps", "4", "--sample-every", "0",
-           "--out", str(tmp_path / "run"), "--grad-accum", "2", "--recompute", "--compile",
-           "--precision", "bf16"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RECORDS": str(tmp_path),
-           "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    res = torchrun([str(script), *FAST, "--steps", "4", "--sample-every", "0",
+                    "--out", str(tmp_path / "run"), "--grad-accum", "2", "--recompute", "--compile",
+                    "--precision", "bf16"], dict(RECORDS=str(tmp_path), PYTHONPATH=str(ROOT)), 300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "1/4" not in res.stdout and res.stdout.count("step 4/4") == 1  # rank 0 alone prints
     thresholds = [(tmp_path / f"rank{r}.json").read_text().splitlines() for r in (0, 1)]
@@ -686,11 +699,9 @@ def test_same_seed_same_images_for_batch_size_1_and_8(ckpt, tmp_path):
 
 def test_torchrun_splits_npz_generation_into_the_same_file(ckpt, tmp_path):
     run_sample(ckpt, "--batch-size", "2", "--npz", str(tmp_path / "one.npz"), "--out", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "sample.py", "--ckpt", ckpt, "--steps", "4", "--cfg-scale", "2", "--num-samples", "8",
-           "--batch-size", "2", "--npz", str(tmp_path / "two.npz"), "--out", ""]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = torchrun(["sample.py", "--ckpt", ckpt, "--steps", "4", "--cfg-scale", "2",
+                    "--num-samples", "8", "--batch-size", "2", "--npz", str(tmp_path / "two.npz"),
+                    "--out", ""], {}, 120)
     assert res.returncode == 0, res.stderr[-2000:]
     # rank 0 took batches 0 and 2
     assert "batch 2/2 (process 0 of 2): samples 4..5 of 8" in res.stdout
