@@ -363,7 +363,8 @@ def train(args):
     if rank == 0:
         plot_losses(metrics, out / "loss.png")
         print(f"done in {time.time() - started:.0f} s: {ckpt_path}, {out}/samples, {out}/loss.png")
-    if world > 1:
+    if world > 1:  # torn down together: a rank that leaves first can hang another's teardown
+        dist.barrier()
         dist.destroy_process_group()
 
 
