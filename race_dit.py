@@ -471,8 +471,7 @@ def rsl_loss(logits, mask):
 
 
 def balance_loss(logits, mask):
-    """Switch-style load balance for the token-choice baseline: E * sum_e f_e * mean P_e, where
-    f_e is the fraction of selections going to expert e; 1 when balanced."""
+    """Token-choice's switch balance loss E sum_e f_e mean P_e (f_e: e's share of selections)."""
     P = logits.reshape(-1, logits.shape[-1]).float().softmax(-1)          # (N, E)
     M = mask.reshape(P.shape).float()                                     # (N, E)
     return P.shape[1] * ((M.sum(0) / M.sum().clamp(min=1)) * P.mean(0)).sum()
@@ -596,7 +595,8 @@ class Diffusion:
     def vb(self, out, x0, xt, t):
         """The variational bound's term in bits per dimension, averaged (DiT, IDDPM): KL(q(x_{t-1} |
         x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's NLL of x0 at t = 0."""
-        at = {name: self._at(name, t, xt) for name in self.tables}        # each (B, 1, 1, 1)
+        names = "sqrt_recip_ab sqrt_recipm1_ab coef_x0 coef_xt small_logvar log_betas".split()
+        at = {name: self._at(name, t, xt) for name in names}  # p_step's tables, each (B, 1, 1, 1)
         _, _, mean, logvar = self.p_step(out, xt, t, at)
         true_mean, true_logvar = at["coef_x0"] * x0 + at["coef_xt"] * xt, at["small_logvar"]
         kl = 0.5 * (-1 + logvar - true_logvar + (true_logvar - logvar).exp()

@@ -340,7 +340,7 @@ def markdown(results, table, claims, critical):
               "| --- | ---: |" + " --- |" * len(METRICS)]
     for c in claims:
         seeds = next(c[k]["df"] + 1 for k in METRICS if k in c)
-        cells = [bold(describe(c[k])) if k in c else "-" for k in METRICS]
+        cells = [bold(describe(c[k])) if k in c else "–" for k in METRICS]
         lines.append(f"| {c['claim']} | {seeds} | " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"- {n}: {bold(describe(v))}; per seed "
